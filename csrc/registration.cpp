@@ -1,0 +1,48 @@
+// Op schemas (namespace `tinymem`), CPU implementations and the Python module with build metadata.
+// CUDA implementations register themselves in csrc/cuda/*_cuda.cpp when built with CUDA.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/masked_subnet.h"
+
+TORCH_LIBRARY(tinymem, m) {
+  // Masked subnet (see tinymem_fast/ops/masked_subnet.py for the semantics).
+  // value: 0-dim float32, cut: 0-dim int64; entry i dropped iff |s_i| < value or (|s_i| == value and i < cut)
+  m.def("subnet_threshold(Tensor scores, int k) -> (Tensor value, Tensor cut)");
+  m.def("subnet_masked_weight(Tensor weight, Tensor scores, Tensor value, Tensor cut) -> Tensor");
+  m.def("subnet_ste_grad(Tensor grad, Tensor weight, Tensor scores) -> Tensor");
+  m.def("subnet_sgd_step_(Tensor(a!) scores, Tensor grad, Tensor(b!) momentum_buffer, float lr, "
+        "float momentum, float weight_decay, bool maximize) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
+  m.impl("subnet_threshold", &tinymem::cpu::subnet_threshold);
+  m.impl("subnet_masked_weight", &tinymem::cpu::subnet_masked_weight);
+  m.impl("subnet_ste_grad", &tinymem::cpu::subnet_ste_grad);
+  m.impl("subnet_sgd_step_", &tinymem::cpu::subnet_sgd_step_);
+}
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["torch"] = TINYMEM_BUILD_TORCH;
+  d["cuda"] = TINYMEM_BUILD_CUDA;
+  d["python"] = TINYMEM_BUILD_PYTHON;
+#ifdef TINYMEM_WITH_CUDA
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  return d;
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tinymem_fast compiled kernels (ops are registered under torch.ops.tinymem)";
+  m.def("build_info", &build_info, "torch/CUDA/Python versions this extension was built for");
+}

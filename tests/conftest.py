@@ -1,0 +1,34 @@
+"""Test setup shared by every test module.
+
+Triton kernels run under the interpreter on machines without a GPU; that must be decided before the
+first ``import triton``, hence here, at collection time.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tinymem_fast.ops import registry  # noqa: E402
+
+
+def backend_or_skip(backend: str, device: str = "cpu") -> str:
+    why = registry.unavailable_reason(backend, torch.device(device))
+    if why:
+        pytest.skip(f"{backend} unavailable: {why}")
+    return backend
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

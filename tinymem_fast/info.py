@@ -1,0 +1,75 @@
+"""Environment report for bug reports and for checking which backends run (``tinymem info``)."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+from .ops import OP_FAMILIES, registry
+
+
+def _version(mod: str) -> str:
+    try:
+        return getattr(importlib.import_module(mod), "__version__", "?")
+    except ImportError:
+        return "not installed"
+
+
+def collect() -> dict:
+    ext = registry.ext_status()
+    cuda_ok = torch.cuda.is_available()
+    backends = {}
+    for fam in OP_FAMILIES:
+        backends[fam] = {"cpu": registry.default_backend("cpu"),
+                         "cuda": registry.default_backend("cuda") if cuda_ok else "n/a (no CUDA device)"}
+    avail = {}
+    for b in registry.BACKENDS:
+        dev = "cuda" if b in ("triton", "cuda") else "cpu"
+        why = registry.unavailable_reason(b, torch.device(dev))
+        if b in ("triton", "cuda") and not cuda_ok and not why:
+            why = "no CUDA device"
+        avail[b] = why or "available"
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "tinymem_fast": _version("tinymem_fast"),
+            "torch": torch.__version__,
+            "torch CUDA": torch.version.cuda or "none (CPU build)",
+            "triton": _version("triton"),
+            "transformers": _version("transformers"),
+            "numpy": _version("numpy"),
+        },
+        "platform": f"{platform.system()} {platform.machine()}, {torch.get_num_threads()} torch threads",
+        "cuda devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda_ok else [],
+        "extension _C": ("loaded (" + ", ".join(p for p in ("cpu", "cuda") if ext[p]) + ")")
+        if ext["loaded"] else f"not loaded: {ext['reason']}",
+        "extension build": ext["build"],
+        "backends": avail,
+        "default backend per op family": backends,
+    }
+
+
+def format_report(info: dict) -> str:
+    lines = ["tinymem_fast environment", ""]
+    for k, v in info["versions"].items():
+        lines.append(f"  {k:<14} {v}")
+    lines.append(f"  {'platform':<14} {info['platform']}")
+    lines.append(f"  {'GPUs':<14} {', '.join(info['cuda devices']) or 'none'}")
+    lines.append("")
+    lines.append(f"  compiled extension: {info['extension _C']}")
+    if info["extension build"]:
+        b = info["extension build"]
+        lines.append(f"    built for torch {b.get('torch')}, CUDA {b.get('cuda') or 'none'}, "
+                     f"python {b.get('python')}, OpenMP {b.get('openmp')}")
+    lines.append("")
+    lines.append("  backends:")
+    for k, v in info["backends"].items():
+        lines.append(f"    {k:<8} {v}")
+    lines.append("")
+    lines.append("  backend used per op family (CPU tensors / CUDA tensors):")
+    for fam, d in info["default backend per op family"].items():
+        lines.append(f"    {fam:<16} cpu: {d['cpu']:<8} cuda: {d['cuda']}")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Backend discovery and per-call selection for the fast ops.
+
+Four backends implement every op family:
+
+=========  =======  =====================  ==============================================
+backend    runs on  source                 role
+=========  =======  =====================  ==============================================
+torch      any      tinymem_fast/ops       reference and test oracle; always available
+cpp        CPU      csrc/cpu (``_C``)      CPU fast path
+triton     CUDA     kernels/               default GPU fast path
+cuda       CUDA     csrc/cuda (``_C``)     hand-written GPU kernels
+=========  =======  =====================  ==============================================
+
+Choice per call: the ``backend=`` keyword, else ``TINYMEM_BACKEND``, else by device (CPU -> cpp,
+CUDA -> triton). A backend asked for explicitly that cannot run raises :class:`BackendUnavailable`;
+an automatic choice that cannot run falls back to ``torch`` and warns once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("torch", "cpp", "triton", "cuda")
+DEFAULT_BY_DEVICE = {"cpu": "cpp", "cuda": "triton"}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested explicitly but cannot run here."""
+
+
+# --- the compiled extension -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _load_ext():
+    """Import ``tinymem_fast._C`` once; returns (module or None, reason it is missing or '')."""
+    if os.environ.get("TINYMEM_DISABLE_EXT") == "1":
+        return None, "disabled by TINYMEM_DISABLE_EXT=1"
+    try:
+        mod = importlib.import_module("tinymem_fast._C")
+    except ImportError as exc:
+        msg = str(exc)
+        if "No module named" in msg:
+            reason = ("not built (pure-Python install); reinstall with torch present: "
+                      "pip install --no-build-isolation -e .")
+        else:
+            reason = f"failed to load: {msg}"
+        return None, reason
+    built = mod.build_info()
+    if built.get("torch") and built["torch"] != torch.__version__:
+        return None, (f"built for torch {built['torch']} but torch {torch.__version__} is installed; "
+                      "rebuild with pip install --no-build-isolation -e .")
+    return mod, ""
+
+
+def ext():
+    """The loaded extension module, or None."""
+    return _load_ext()[0]
+
+
+def ext_status() -> dict:
+    """What the compiled extension provides: loaded, reason, cpu, cuda, build metadata."""
+    mod, reason = _load_ext()
+    if mod is None:
+        return {"loaded": False, "reason": reason, "cpu": False, "cuda": False, "build": {}}
+    info = mod.build_info()
+    return {"loaded": True, "reason": "", "cpu": True, "cuda": bool(info.get("with_cuda")), "build": info}
+
+
+# --- triton -----------------------------------------------------------------------------------
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return ""
+
+
+# --- selection --------------------------------------------------------------------------------
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str:
+    """Why ``backend`` cannot run on tensors of ``device`` ('' when it can)."""
+    dev = device.type
+    if backend == "torch":
+        return ""
+    if backend == "cpp":
+        if dev != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {dev} tensors"
+        mod, reason = _load_ext()
+        return "" if mod is not None else f"the compiled extension is {reason}"
+    if backend == "triton":
+        why = _triton_import()
+        if why:
+            return why
+        if dev == "cuda":
+            return ""
+        if dev == "cpu" and triton_interpreting():
+            return ""
+        return f"the triton backend runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {dev}"
+    if backend == "cuda":
+        if dev != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {dev} tensors"
+        st = ext_status()
+        if not st["loaded"]:
+            return f"the compiled extension is {st['reason']}"
+        if not st["cuda"]:
+            return "the compiled extension was built without CUDA (torch without CUDA or nvcc not found)"
+        return ""
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def select(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    """Pick the backend for one call of ``op`` on ``device``."""
+    device = torch.device(device)
+    requested = backend or os.environ.get("TINYMEM_BACKEND") or None
+    if requested is not None:
+        requested = requested.lower()
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r} (from "
+                             f"{'backend=' if backend else 'TINYMEM_BACKEND'}); "
+                             f"choose one of {', '.join(BACKENDS)}")
+        why = unavailable_reason(requested, device)
+        if why:
+            raise BackendUnavailable(f"{op}: backend {requested!r} was requested but is unavailable: {why}")
+        return requested
+    auto = DEFAULT_BY_DEVICE.get(device.type, "torch")
+    why = unavailable_reason(auto, device)
+    if why:
+        key = (auto, device.type)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"tinymem_fast: {auto} backend unavailable on {device.type} ({why}); "
+                          "falling back to the torch backend", RuntimeWarning, stacklevel=3)
+        return "torch"
+    return auto
+
+
+def default_backend(device: str) -> str:
+    """The backend an op would use on ``device`` without an explicit choice (for ``tinymem info``)."""
+    dev = torch.device(device)
+    auto = DEFAULT_BY_DEVICE.get(dev.type, "torch")
+    return auto if not unavailable_reason(auto, dev) else "torch"
