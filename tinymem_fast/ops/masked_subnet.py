@@ -102,9 +102,9 @@ def threshold_torch(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def keep_mask_torch(scores: Tensor, value: Tensor, cut: Tensor) -> Tensor:
     key = _abs_key(scores)
-    idx = torch.arange(key.numel(), device=key.device)
-    keep = (key > value) | ((key == value) & (idx >= cut))
-    return keep.view(scores.shape)
+    ties = key == value
+    ties[: int(cut)] = False  # ties before the cut are dropped, the rest kept
+    return ((key > value) | ties).view(scores.shape)
 
 
 def masked_weight_torch(weight: Tensor, scores: Tensor, value: Tensor, cut: Tensor) -> Tensor:
