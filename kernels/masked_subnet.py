@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-# (shift, bits) of each radix digit of the 31-bit key, most significant first. tl.histogram's warp
-# algorithm costs about bins/32 * log2(bins) instructions per 32 elements, so 8-bit digits keep a pass
-# near memory speed; 11-bit digits would save a pass but make each one several times slower.
+# (shift, bits) of each radix digit of the 31-bit key, most significant first. Depending on the Triton
+# version tl.histogram lowers to per-warp ballots (cost grows as bins * log2(bins)) or to shared-memory
+# atomics; 8-bit digits are cheap under both. Wider digits would save a pass over the scores at the
+# price of a slower one; tune here (any split covering bits 0..30 is correct).
 _DIGITS = ((24, 7), (16, 8), (8, 8), (0, 8))
 _HIST_BLOCK = 4096
 _HIST_WARPS = 8
@@ -48,7 +49,7 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -97,14 +98,17 @@ def _radix_hist_kernel(s_ptr, state_ptr, hist_ptr, n, SHIFT: tl.constexpr, BITS:
 @triton.jit
 def _radix_select_kernel(hist_ptr, state_ptr, value_ptr, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr,
                          LAST: tl.constexpr):
-    # state = [key prefix found so far, 1-based rank of the target among keys with that prefix]
+    # state = [key prefix found so far, 1-based rank of the target among keys with that prefix].
+    # It is read and rewritten in place: all reads come first, and the launch uses a single warp, so no
+    # thread can read a value another thread has already updated.
     bins = tl.arange(0, NUM_BINS)
     h = tl.load(hist_ptr + bins)
+    prefix = tl.load(state_ptr)
     rank = tl.load(state_ptr + 1)
     # the target's digit is the first bin whose running count reaches the rank
     digit = tl.sum((tl.cumsum(h, axis=0) < rank).to(tl.int64), axis=0)
     below = tl.sum(tl.where(bins < digit, h, 0), axis=0)
-    prefix = tl.load(state_ptr) | (digit << SHIFT)
+    prefix = prefix | (digit << SHIFT)
     tl.store(state_ptr, prefix)
     # after the last digit this is `need`: how many entries equal to value are dropped
     tl.store(state_ptr + 1, rank - below)
@@ -155,7 +159,9 @@ def threshold(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     s = scores.detach().contiguous().view(-1)
     with _device_guard(s):
         state = torch.zeros(2, dtype=torch.int64, device=dev)
-        state[1] = k  # a fill kernel, not a host-to-device copy that would wait for the stream
+        # fill_ launches a kernel; building the tensor from a Python list would be a host-to-device copy,
+        # which waits for the stream
+        state[1:].fill_(k)
         hist = torch.zeros(len(_DIGITS), 1 << max(b for _, b in _DIGITS), dtype=torch.int64, device=dev)
         value = torch.empty((), dtype=torch.float32, device=dev)
         programs = _hist_programs(n, dev)
@@ -164,7 +170,7 @@ def threshold(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
                                             NUM_BINS=1 << bits, BLOCK=_HIST_BLOCK,
                                             num_warps=_HIST_WARPS)
             _radix_select_kernel[(1,)](hist[p], state, value, SHIFT=shift, NUM_BINS=1 << bits,
-                                       LAST=p == len(_DIGITS) - 1)
+                                       LAST=p == len(_DIGITS) - 1, num_warps=1)
         blocks = triton.cdiv(n, _TIE_BLOCK)
         counts = torch.empty(blocks, dtype=torch.int32, device=dev)
         _tie_count_kernel[(blocks,)](s, state, counts, n, BLOCK=_TIE_BLOCK)
@@ -271,8 +277,8 @@ def sgd_step(scores: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: fl
     if n == 0:
         return
     with _device_guard(scores):
-        # no FMA contraction: each product is rounded on its own, as in torch's separate
-        # mul_/add_ kernels, so the update matches sgd_step_torch bit for bit
+        # no FMA contraction: each product is rounded on its own, as in the separate mul/add kernels of
+        # sgd_step_torch, so both round the same way (bit-identical under the interpreter)
         _sgd_step_kernel[(triton.cdiv(n, _EW_BLOCK),)](scores.detach(), g, buf, n, float(lr), float(momentum),
                                                        float(weight_decay), MAXIMIZE=bool(maximize),
                                                        BLOCK=_EW_BLOCK, num_warps=_EW_WARPS,

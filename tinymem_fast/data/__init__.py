@@ -1,0 +1,1 @@
+"""TinyMem data: math sequences, language chunks, memorization artifacts (noise, backdoor), duplication."""

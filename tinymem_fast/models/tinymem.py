@@ -1,0 +1,90 @@
+"""TinyMem models: plain Hugging Face GPT-2 with ReLU MLPs, no dropout, tied embeddings."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+N_LAYERS = (2, 4, 8, 16)
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    d_mlp: int = 512
+    activation: str = "relu"
+
+    def validate(self) -> None:
+        if self.n_layer < 1 or self.d_model < 1 or self.d_mlp < 1:
+            raise ValueError("n_layer, d_model and d_mlp must be positive")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+
+
+def gpt2_config(mc: ModelConfig, vocab_size: int, max_ctx: int, bos_id: int | None = None,
+                eos_id: int | None = None, pad_id: int | None = None):
+    from transformers import GPT2Config
+
+    mc.validate()
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=max_ctx, n_embd=mc.d_model, n_layer=mc.n_layer,
+        n_head=mc.n_head, n_inner=mc.d_mlp, activation_function=mc.activation,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        initializer_range=0.8 / math.sqrt(mc.d_model), tie_word_embeddings=True,
+        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+    )
+
+
+def build_model(mc: ModelConfig, vocab_size: int, max_ctx: int, seed: int = 0, **ids):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(gpt2_config(mc, vocab_size, max_ctx, **ids))
+    return model.float().eval()
+
+
+def save_model(model, path: str) -> None:
+    """``save_pretrained`` into a temporary sibling folder, then rename: a crash never leaves a half-written
+    model where a complete one is expected."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if os.path.exists(path):
+            old = path + ".old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Any local Hugging Face causal LM folder (never remote code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} is not a Hugging Face model folder (no config.json)")
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: config.json is not a known model type ({exc})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
+                                                     trust_remote_code=False, dtype=dtype)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{path!r} is not a causal LM checkpoint: {exc}") from None
+    return model.to(device).eval()

@@ -1,0 +1,234 @@
+"""Training loop: AdamW on the causal-LM loss, evaluation at intervals, atomic checkpoints, exact resume.
+
+The data order of epoch ``e`` is a permutation seeded by (seed, e), so a run resumed from the checkpoint
+at step ``s`` replays exactly the batches an uninterrupted run would have seen; together with the saved
+optimizer state this makes a killed-and-restarted run end on the same weights.
+
+Regularizers plug in as hooks (:class:`TrainHook`): they may add to the loss or reweight sequences,
+without flags threaded through the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .memorization import memorization_stats
+from .metrics import evaluate_tests
+from .models import save_model
+
+log = logging.getLogger(__name__)
+CKPT_RE = re.compile(r"^step-(\d{9})$")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    batch_size: int = 128
+    epochs: float = 1.0
+    max_steps: int | None = None      # stop early (overrides epochs when smaller)
+    eval_every: int = 0               # steps; 0 = only at the end
+    ckpt_every: int = 0               # steps; 0 = only at the end
+    keep_checkpoints: int = 0         # 0 = keep all
+    loss_on_pad: bool = False
+    eval_batch_size: int = 256
+    device: str = "cpu"
+
+
+class TrainHook:
+    """Extension point for regularizers: called around each step."""
+
+    def per_sequence_weights(self, step: int, seq_loss: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def extra_loss(self, model, step: int) -> torch.Tensor | None:
+        return None
+
+
+def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool):
+    """Per-sequence mean CE over counted targets, plus the counts (pads skipped unless loss_on_pad)."""
+    logits = model(x).logits[:, :-1]
+    tgt = x[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                         reduction="none").view(tgt.shape)
+    counted = torch.ones_like(tgt, dtype=torch.bool) if loss_on_pad else ~pad[:, 1:]
+    ce = ce * counted
+    n = counted.sum(1)
+    return ce.sum(1) / n.clamp(min=1), n
+
+
+def epoch_order(copies: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    idx = torch.repeat_interleave(torch.arange(copies.numel()), copies)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return idx[torch.randperm(idx.numel(), generator=gen)]
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    ck = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(ck):
+        return []
+    found = []
+    for name in os.listdir(ck):
+        m = CKPT_RE.match(name)
+        if m and os.path.exists(os.path.join(ck, name, "trainer_state.pt")):
+            found.append((int(m.group(1)), os.path.join(ck, name)))
+    return sorted(found)
+
+
+def _save_checkpoint(out_dir: str, model, opt, step: int, epoch: int) -> str:
+    ck = os.path.join(out_dir, "checkpoints")
+    os.makedirs(ck, exist_ok=True)
+    final = os.path.join(ck, f"step-{step:09d}")
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=ck)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save({"optimizer": opt.state_dict(), "step": step, "epoch": epoch},
+                   os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _load_checkpoint(path: str, model, opt) -> int:
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(path, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied output embedding is stored once
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise ValueError(f"checkpoint {path} does not match the model (missing {missing}, "
+                         f"unexpected {unexpected})")
+    ts = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    opt.load_state_dict(ts["optimizer"])
+    return int(ts["step"])
+
+
+def _truncate_history(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def evaluate(model, data, batch_size: int) -> dict:
+    was = model.training
+    model.eval()
+    out = evaluate_tests(model, data.test, batch_size)
+    out.update(memorization_stats(model, data, batch_size))
+    model.train(was)
+    return out
+
+
+def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume: bool = True,
+          hooks: list[TrainHook] | None = None, progress: bool = True) -> dict:
+    """Train ``model`` on ``data``; returns the final evaluation. Checkpoints and ``metrics.jsonl`` go to
+    ``out_dir``; the final model to ``out_dir/final``."""
+    hooks = hooks or []
+    os.makedirs(out_dir, exist_ok=True)
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=tuple(cfg.betas))
+    n_train = data.num_train
+    spe = math.ceil(n_train / cfg.batch_size)
+    total = math.ceil(cfg.epochs * spe)
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    hist_path = os.path.join(out_dir, "metrics.jsonl")
+    step = 0
+    if resume and (cks := list_checkpoints(out_dir)):
+        step = _load_checkpoint(cks[-1][1], model, opt)
+        log.info("resumed from %s (step %d)", cks[-1][1], step)
+        _truncate_history(hist_path, step)
+    elif os.path.exists(hist_path):
+        os.remove(hist_path)
+
+    def record(metrics: dict) -> None:
+        with open(hist_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    order, order_epoch = None, -1
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    last_eval: dict = {}
+    while step < total:
+        epoch, b = divmod(step, spe)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(data.copies, seed, epoch), epoch
+        idx = order[b * cfg.batch_size: (b + 1) * cfg.batch_size]
+        x, pad = data.rows[idx].to(device), data.pad[idx].to(device)
+        seq_loss, counts = token_loss(model, x, pad, cfg.loss_on_pad)
+        weights = None
+        for h in hooks:
+            w = h.per_sequence_weights(step, seq_loss.detach())
+            if w is not None:
+                weights = w if weights is None else weights * w
+        loss = (seq_loss * weights).mean() if weights is not None else (
+            (seq_loss * counts).sum() / counts.sum().clamp(min=1))
+        for h in hooks:
+            extra = h.extra_loss(model, step)
+            if extra is not None:
+                loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{step / spe:.2f}")
+        is_last = step == total
+        if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+            last_eval = {"step": step, "epoch": step / spe, "train_loss": loss.item(),
+                         "elapsed_s": time.perf_counter() - t0,
+                         **evaluate(model, data, cfg.eval_batch_size)}
+            record(last_eval)
+            bar.write(_summary(last_eval))
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
+            _save_checkpoint(out_dir, model, opt, step, epoch)
+            _prune(out_dir, cfg.keep_checkpoints)
+    bar.close()
+    save_model(model, os.path.join(out_dir, "final"))
+    if not last_eval:  # resumed at the very end
+        last_eval = {"step": step, **evaluate(model, data, cfg.eval_batch_size)}
+    return last_eval
+
+
+def _prune(out_dir: str, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _summary(m: dict) -> str:
+    keys = [k for k in ("avg_acc", "acc7", "test/acc", "test/ppl_token", "mem", "avg_perc_mem", "asr") if k in m]
+    acc_keys = [k for k in m if k.endswith("/acc")]
+    parts = [f"step {m['step']}", f"loss {m.get('train_loss', float('nan')):.4f}"]
+    for k in keys:
+        parts.append(f"{k} {m[k]:.3f}")
+    if "avg_acc" not in m and acc_keys:
+        parts.append(f"{acc_keys[0]} {m[acc_keys[0]]:.3f}")
+    return " | ".join(parts)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
