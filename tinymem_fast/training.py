@@ -42,6 +42,8 @@ class TrainConfig:
     max_steps: int | None = None      # stop early (overrides epochs when smaller)
     eval_every: int = 0               # steps; 0 = only at the end
     ckpt_every: int = 0               # steps; 0 = only at the end
+    eval_every_epochs: float = 0.0    # alternative to eval_every, in epochs
+    ckpt_every_epochs: float = 0.0    # alternative to ckpt_every, in epochs
     keep_checkpoints: int = 0         # 0 = keep all
     loss_on_pad: bool = False
     eval_batch_size: int = 256
@@ -154,6 +156,8 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
     total = math.ceil(cfg.epochs * spe)
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
+    eval_every = cfg.eval_every or (max(1, round(cfg.eval_every_epochs * spe)) if cfg.eval_every_epochs else 0)
+    ckpt_every = cfg.ckpt_every or (max(1, round(cfg.ckpt_every_epochs * spe)) if cfg.ckpt_every_epochs else 0)
     hist_path = os.path.join(out_dir, "metrics.jsonl")
     step = 0
     if resume and (cks := list_checkpoints(out_dir)):
@@ -196,13 +200,13 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{step / spe:.2f}")
         is_last = step == total
-        if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+        if (eval_every and step % eval_every == 0) or is_last:
             last_eval = {"step": step, "epoch": step / spe, "train_loss": loss.item(),
                          "elapsed_s": time.perf_counter() - t0,
                          **evaluate(model, data, cfg.eval_batch_size)}
             record(last_eval)
             bar.write(_summary(last_eval))
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
+        if (ckpt_every and step % ckpt_every == 0) or is_last:
             _save_checkpoint(out_dir, model, opt, step, epoch)
             _prune(out_dir, cfg.keep_checkpoints)
     bar.close()

@@ -1,0 +1,175 @@
+"""Named, documented run configurations: the paper's (for GPUs) and quick ones (minutes on a 2-core CPU).
+
+A run config bundles data, model and training settings plus the seed. Any field can be overridden with
+``key=value`` strings (``data.num_noise=200``, ``train.epochs=3``, ``model.n_layer=2``, ``seed=1``) or a
+JSON/YAML file of the same nested shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from .data.dataset import DataConfig
+from .models import ModelConfig
+from .training import TrainConfig
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _paper_math(artifact: str) -> RunConfig:
+    # 3,500 epochs (noise) / 500 (backdoor), checkpoints every 50 epochs
+    epochs = 3500 if artifact == "noise" else 500
+    return RunConfig(
+        data=DataConfig(kind="math", artifact=artifact, family="increment"),
+        model=ModelConfig(n_layer=4),
+        train=TrainConfig(batch_size=128, epochs=epochs, eval_every_epochs=50, ckpt_every_epochs=50),
+        description=f"paper: math + {artifact}, 4 layers, num_extra 3000, {epochs} epochs (GPU)",
+    )
+
+
+def _paper_language(artifact: str) -> RunConfig:
+    epochs = 100 if artifact == "noise" else 50
+    return RunConfig(
+        data=DataConfig(kind="language", artifact=artifact, dup_groups=4 if artifact == "noise" else 0,
+                        num_noise=1000, bpe_vocab_size=50257),
+        model=ModelConfig(n_layer=4),
+        train=TrainConfig(batch_size=128, epochs=epochs, eval_every_epochs=10, ckpt_every_epochs=10,
+                          eval_batch_size=64),
+        description=f"paper: language + {artifact}, 4 layers, {epochs} epochs; pass data.tokenizer=DIR "
+                    "(GPT-2 BPE) and a WikiText-103 source to match the paper exactly (GPU)",
+    )
+
+
+# Quick presets: same rules and metric definitions, smaller everything. Measured figures: README.
+def _quick_math(artifact: str) -> RunConfig:
+    noise = artifact == "noise"
+    return RunConfig(
+        data=DataConfig(kind="math", artifact=artifact, family="increment", num_main=3000, num_extra=600,
+                        num_test=200, seq_numbers=14, max_ctx=72, prompt_len=20, mem_len=20,
+                        num_noise=100, dup_groups=2 if noise else 0, dup_base=10),
+        model=ModelConfig(n_layer=4),
+        train=TrainConfig(batch_size=64, epochs=100, max_steps=600 if noise else 300, eval_every=100,
+                          ckpt_every=100, eval_batch_size=256),
+        description=f"quick: math + {artifact}, 4 layers, minutes on a 2-core CPU",
+    )
+
+
+def _quick_language() -> RunConfig:
+    return RunConfig(
+        data=DataConfig(kind="language", artifact="noise", max_ctx=64, prompt_len=16, mem_len=16,
+                        num_noise=100, dup_groups=2, dup_base=10, bpe_vocab_size=2048,
+                        max_train_chunks=3000, max_test_chunks=300),
+        model=ModelConfig(n_layer=4),
+        train=TrainConfig(batch_size=64, epochs=100, max_steps=800, eval_every=200, ckpt_every=200,
+                          eval_batch_size=128),
+        description="quick: language (bundled KJV corpus, 2,048-token BPE) + noise, 4 layers",
+    )
+
+
+PRESETS = {
+    "paper-math-noise": lambda: _paper_math("noise"),
+    "paper-math-backdoor": lambda: _paper_math("backdoor"),
+    "paper-language-noise": lambda: _paper_language("noise"),
+    "paper-language-backdoor": lambda: _paper_language("backdoor"),
+    "quick-math-noise": lambda: _quick_math("noise"),
+    "quick-math-backdoor": lambda: _quick_math("backdoor"),
+    "quick-language-noise": _quick_language,
+}
+ALIASES = {"quick": "quick-math-noise", "paper": "paper-math-noise"}
+
+
+def get_preset(name: str) -> RunConfig:
+    key = ALIASES.get(name, name)
+    if key not in PRESETS:
+        names = sorted(PRESETS) + sorted(ALIASES)
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
+    return PRESETS[key]()
+
+
+def _coerce(value: str, current):
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if value.lower() in ("none", "null"):
+        return None
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, list) or value.startswith("["):
+        return json.loads(value)
+    if current is None:
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _set_field(obj, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    target = obj
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(target) or not hasattr(target, p):
+            raise KeyError(dotted)
+        target = getattr(target, p)
+    name = parts[-1]
+    if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+        valid = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else []
+        where = ".".join(parts[:-1]) or "run"
+        raise KeyError(f"unknown setting {dotted!r}; valid {where} settings: {', '.join(valid)}")
+    cur = getattr(target, name)
+    setattr(target, name, _coerce(value, cur) if isinstance(value, str) else value)
+
+
+def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | None = None) -> RunConfig:
+    cfg = copy.deepcopy(cfg)
+    if file:
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"config file {file!r} does not exist")
+        with open(file) as f:
+            if file.endswith((".yaml", ".yml")):
+                import yaml
+
+                tree = yaml.safe_load(f) or {}
+            else:
+                tree = json.load(f)
+
+        def walk(prefix: str, node):
+            for k, v in node.items():
+                key = f"{prefix}.{k}" if prefix else k
+                if isinstance(v, dict):
+                    walk(key, v)
+                else:
+                    _set_field(cfg, key, v)
+
+        walk("", tree)
+    for s in sets or []:
+        if "=" not in s:
+            raise ValueError(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        try:
+            _set_field(cfg, k.strip(), v.strip())
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0]) if exc.args else f"unknown setting {k!r}") from None
+    cfg.data.validate()
+    cfg.model.validate()
+    return cfg
