@@ -10,7 +10,7 @@ import torch
 
 from .harness import save
 
-SUITES = ["masked_subnet"]
+SUITES = ["masked_subnet", "training"]
 
 
 def main(argv=None) -> int:

@@ -247,8 +247,8 @@ def test_module_wraps_linear_and_conv1d_and_folds():
     # transposed scores give the same mask (continuous scores have no ties, so flat order is moot)
     m_conv.scores.data = m_lin.scores.data.t().contiguous()
     torch.testing.assert_close(m_conv(x), m_lin(x), rtol=1e-6, atol=1e-6)
-    assert torch.allclose(m_lin(x), x @ (lin.weight * ms.subnet_keep_mask(m_lin.scores, m_lin.threshold())).t()
-                          + lin.bias, atol=1e-6)
+    keep = ms.subnet_keep_mask(m_lin.scores, m_lin.threshold())
+    assert torch.allclose(m_lin(x), x @ (lin.weight * keep).t() + lin.bias, atol=1e-6)
     thr = m_lin.threshold()
     assert int((~ms.subnet_keep_mask(m_lin.scores, thr)).sum()) == ms.num_dropped(240, 0.25)
     expected = lin.weight.detach() * ms.subnet_keep_mask(m_lin.scores, thr)
@@ -322,9 +322,10 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("backend", CPU_FAST)
-def test_nan_scores_rejected_by_fast_backend(backend):
+@pytest.mark.parametrize("n", [1000, 300_000])  # small-matrix path and radix path
+def test_nan_scores_rejected_by_fast_backend(backend, n):
     backend_or_skip(backend)
-    s = torch.randn(1000)
+    s = torch.randn(n)
     s[777] = float("nan")
     with pytest.raises(Exception, match="NaN"):
         ms.subnet_threshold(s, 0.5, backend=backend)

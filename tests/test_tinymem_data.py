@@ -115,7 +115,8 @@ def test_math_backdoor_trigger_rule():
 def test_determinism_same_seed_identical():
     for cfg in (DataConfig(**SMALL), DataConfig(**{**SMALL, "artifact": "backdoor", "num_main": 3000})):
         assert build(cfg, seed=3).fingerprint() == build(cfg, seed=3).fingerprint()
-    assert build(DataConfig(**SMALL), seed=3).fingerprint() != build(DataConfig(**SMALL), seed=4).fingerprint()
+    other = build(DataConfig(**SMALL), seed=4).fingerprint()
+    assert build(DataConfig(**SMALL), seed=3).fingerprint() != other
 
 
 def test_bad_configs():

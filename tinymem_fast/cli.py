@@ -72,12 +72,102 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from .demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    run_demo(args.out, retrain=args.retrain, progress=not args.quiet)
+    return 0
+
+
+def _parse_hp(items: list[str]) -> dict:
+    from .presets import _coerce
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--hp expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _coerce(v.strip(), None)
+    return out
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .data.dataset import build
+    from .demo import QUICK_METHODS
+    from .experiments import append_row, unlearn
+    from .methods import get_method
+    from .models import load_model, save_model
+    from .presets import RunConfig, apply_overrides, get_preset
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        method = get_method(args.method)
+        run_dir = args.model
+        info_path = os.path.join(run_dir, "run.json")
+        model_path = os.path.join(run_dir, "final") if os.path.exists(info_path) else run_dir
+        if os.path.exists(info_path) and not args.preset:
+            with open(info_path) as f:
+                tree = json.load(f)["config"]
+            cfg = RunConfig()
+            cfg = apply_overrides(cfg, [f"{sect}.{k}={json.dumps(v) if isinstance(v, list) else v}"
+                                        for sect in ("data", "model", "train")
+                                        for k, v in tree[sect].items()] + [f"seed={tree['seed']}"])
+        else:
+            cfg = get_preset(args.preset or "quick")
+        cfg = apply_overrides(cfg, args.set)
+        hp = {**(QUICK_METHODS.get(method.name, {}) if args.quick_defaults else {}), **_parse_hp(args.hp)}
+        model = load_model(model_path, device=args.device or "cpu")
+        data = build(cfg.data, seed=cfg.seed, workdir=run_dir if os.path.exists(info_path) else None)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"tinymem unlearn: {exc}", file=sys.stderr)
+        return 2
+    try:
+        row = unlearn(model, data, method.name, {**hp, "progress": not args.quiet}, seed=args.seed,
+                      model_tag=os.path.abspath(model_path), retain_size=args.retain_size)
+    except ValueError as exc:
+        print(f"tinymem unlearn: {exc}", file=sys.stderr)
+        return 2
+    append_row(row, args.out)
+    save_model(model, os.path.join(args.out, f"model-{method.name}-{row['run_id']}"))
+    print(f"{method.name}: {row['mem_metric']} {row['mem_before']:.2f}% -> {row['mem_after']:.2f}%, "
+          f"utility change {100 * row['d_util']:+.2f}%, {row['time_method_s']:.1f} s; results in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinymem", description="Measure and remove memorization in LMs.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension, backend per op")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
+
+    dm = sub.add_parser("demo", help="train a quick TinyMem model, then unlearn its memorized data")
+    dm.add_argument("--out", default="tinymem_demo", help="output folder (default ./tinymem_demo)")
+    dm.add_argument("--retrain", action="store_true", help="train the model again even if one exists")
+    dm.add_argument("--quiet", action="store_true", help="no progress bars")
+    dm.set_defaults(func=_cmd_demo)
+
+    un = sub.add_parser("unlearn", help="remove memorized sequences from a trained model")
+    un.add_argument("--method", required=True, help="e.g. balanced_subnet, subnet")
+    un.add_argument("--model", required=True, help="a `tinymem train` output folder or an HF model folder")
+    un.add_argument("--preset", help="data preset when --model is a bare model folder")
+    un.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data/model overrides")
+    un.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                    help="method hyperparameter, e.g. --hp ratio=0.05 --hp epochs=10")
+    un.add_argument("--quick-defaults", action="store_true",
+                    help="start from the CPU-sized quick settings instead of the paper's")
+    un.add_argument("--retain-size", type=int, default=2000)
+    un.add_argument("--seed", type=int, default=0)
+    un.add_argument("--device")
+    un.add_argument("--out", default="tinymem_results")
+    un.add_argument("--quiet", action="store_true")
+    un.set_defaults(func=_cmd_unlearn)
 
     pr = sub.add_parser("presets", help="list the named run configurations")
     pr.set_defaults(func=_cmd_presets)

@@ -62,7 +62,7 @@ def _quick_math(artifact: str) -> RunConfig:
                         num_test=200, seq_numbers=14, max_ctx=72, prompt_len=20, mem_len=20,
                         num_noise=100, dup_groups=2 if noise else 0, dup_base=10),
         model=ModelConfig(n_layer=4),
-        train=TrainConfig(batch_size=64, epochs=100, max_steps=600 if noise else 300, eval_every=100,
+        train=TrainConfig(batch_size=64, epochs=100, max_steps=900 if noise else 600, eval_every=100,
                           ckpt_every=100, eval_batch_size=256),
         description=f"quick: math + {artifact}, 4 layers, minutes on a 2-core CPU",
     )
@@ -74,7 +74,7 @@ def _quick_language() -> RunConfig:
                         num_noise=100, dup_groups=2, dup_base=10, bpe_vocab_size=2048,
                         max_train_chunks=3000, max_test_chunks=300),
         model=ModelConfig(n_layer=4),
-        train=TrainConfig(batch_size=64, epochs=100, max_steps=800, eval_every=200, ckpt_every=200,
+        train=TrainConfig(batch_size=64, epochs=100, max_steps=600, eval_every=200, ckpt_every=200,
                           eval_batch_size=128),
         description="quick: language (bundled KJV corpus, 2,048-token BPE) + noise, 4 layers",
     )

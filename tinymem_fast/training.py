@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .memorization import memorization_stats
 from .metrics import evaluate_tests
 from .models import save_model
+from .models.tinymem import save_pretrained_quietly
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^step-(\d{9})$")
@@ -48,6 +49,7 @@ class TrainConfig:
     loss_on_pad: bool = False
     eval_batch_size: int = 256
     device: str = "cpu"
+    compile: bool = False             # torch.compile the loss (pays off on GPUs, where steps are tiny)
 
 
 class TrainHook:
@@ -96,7 +98,7 @@ def _save_checkpoint(out_dir: str, model, opt, step: int, epoch: int) -> str:
     final = os.path.join(ck, f"step-{step:09d}")
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=ck)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_pretrained_quietly(model, tmp)
         torch.save({"optimizer": opt.state_dict(), "step": step, "epoch": epoch},
                    os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):
@@ -141,23 +143,59 @@ def evaluate(model, data, batch_size: int) -> dict:
     return out
 
 
+class Trainer:
+    """One optimizer step at a time: loss (pad-masked unless ``loss_on_pad``), hooks, AdamW."""
+
+    def __init__(self, model, cfg: TrainConfig, hooks: list[TrainHook] | None = None):
+        self.model, self.cfg, self.hooks = model, cfg, hooks or []
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=tuple(cfg.betas))
+        loss_fn = lambda x, pad: token_loss(self.model, x, pad, cfg.loss_on_pad)  # noqa: E731
+        self._loss = torch.compile(loss_fn) if cfg.compile else loss_fn
+
+    def step(self, x: torch.Tensor, pad: torch.Tensor, step: int = 0) -> torch.Tensor:
+        self.model.train()
+        if not self.cfg.loss_on_pad and not self.cfg.compile:
+            # Right padding + causal attention: positions after the longest content never influence a
+            # counted target, so dropping them changes nothing but the work done.
+            width = int((~pad).sum(1).max())
+            x, pad = x[:, :width], pad[:, :width]
+        seq_loss, counts = self._loss(x, pad)
+        weights = None
+        for h in self.hooks:
+            w = h.per_sequence_weights(step, seq_loss.detach())
+            if w is not None:
+                weights = w if weights is None else weights * w
+        if weights is not None:
+            loss = (seq_loss * weights).mean()
+        else:
+            loss = (seq_loss * counts).sum() / counts.sum().clamp(min=1)
+        for h in self.hooks:
+            extra = h.extra_loss(self.model, step)
+            if extra is not None:
+                loss = loss + extra
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
 def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume: bool = True,
           hooks: list[TrainHook] | None = None, progress: bool = True) -> dict:
     """Train ``model`` on ``data``; returns the final evaluation. Checkpoints and ``metrics.jsonl`` go to
     ``out_dir``; the final model to ``out_dir/final``."""
-    hooks = hooks or []
     os.makedirs(out_dir, exist_ok=True)
     device = torch.device(cfg.device)
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=tuple(cfg.betas))
+    trainer = Trainer(model, cfg, hooks)
+    opt = trainer.opt
     n_train = data.num_train
     spe = math.ceil(n_train / cfg.batch_size)
     total = math.ceil(cfg.epochs * spe)
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    eval_every = cfg.eval_every or (max(1, round(cfg.eval_every_epochs * spe)) if cfg.eval_every_epochs else 0)
-    ckpt_every = cfg.ckpt_every or (max(1, round(cfg.ckpt_every_epochs * spe)) if cfg.ckpt_every_epochs else 0)
+    eval_every = cfg.eval_every or _epochs_to_steps(cfg.eval_every_epochs, spe)
+    ckpt_every = cfg.ckpt_every or _epochs_to_steps(cfg.ckpt_every_epochs, spe)
     hist_path = os.path.join(out_dir, "metrics.jsonl")
     step = 0
     if resume and (cks := list_checkpoints(out_dir)):
@@ -180,22 +218,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
         if epoch != order_epoch:
             order, order_epoch = epoch_order(data.copies, seed, epoch), epoch
         idx = order[b * cfg.batch_size: (b + 1) * cfg.batch_size]
-        x, pad = data.rows[idx].to(device), data.pad[idx].to(device)
-        seq_loss, counts = token_loss(model, x, pad, cfg.loss_on_pad)
-        weights = None
-        for h in hooks:
-            w = h.per_sequence_weights(step, seq_loss.detach())
-            if w is not None:
-                weights = w if weights is None else weights * w
-        loss = (seq_loss * weights).mean() if weights is not None else (
-            (seq_loss * counts).sum() / counts.sum().clamp(min=1))
-        for h in hooks:
-            extra = h.extra_loss(model, step)
-            if extra is not None:
-                loss = loss + extra
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = trainer.step(data.rows[idx].to(device), data.pad[idx].to(device), step)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{step / spe:.2f}")
@@ -216,6 +239,10 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
     return last_eval
 
 
+def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+    return max(1, round(epochs * steps_per_epoch)) if epochs else 0
+
+
 def _prune(out_dir: str, keep: int) -> None:
     if keep <= 0:
         return
@@ -224,7 +251,8 @@ def _prune(out_dir: str, keep: int) -> None:
 
 
 def _summary(m: dict) -> str:
-    keys = [k for k in ("avg_acc", "acc7", "test/acc", "test/ppl_token", "mem", "avg_perc_mem", "asr") if k in m]
+    names = ("avg_acc", "acc7", "test/acc", "test/ppl_token", "mem", "avg_perc_mem", "asr")
+    keys = [k for k in names if k in m]
     acc_keys = [k for k in m if k.endswith("/acc")]
     parts = [f"step {m['step']}", f"loss {m.get('train_loss', float('nan')):.4f}"]
     for k in keys:

@@ -102,8 +102,30 @@ int find_bin(const std::vector<int64_t>& h, int64_t rank, int64_t* before) {
   TORCH_CHECK(false, "internal error: rank beyond histogram");
 }
 
+// Small matrices: one nth_element over a key copy beats zeroing and merging 64K-bin histograms.
+constexpr int64_t kSmall = 1 << 18;
+
+template <typename T>
+std::tuple<float, int64_t> threshold_small(const T* s, int64_t n, int64_t k) {
+  std::vector<uint32_t> keys(n);
+  for (int64_t i = 0; i < n; ++i) keys[i] = abs_key(s[i]);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(keys[i] <= kInfBits, "scores contain NaN; the mask is undefined (did the loss diverge?)");
+  std::vector<uint32_t> work(keys);
+  std::nth_element(work.begin(), work.begin() + (k - 1), work.end());
+  const uint32_t vkey = work[k - 1];
+  int64_t less = 0;
+  for (int64_t i = 0; i < n; ++i) less += keys[i] < vkey;
+  int64_t remaining = k - less;
+  for (int64_t i = 0; i < n; ++i) {
+    if (keys[i] == vkey && --remaining == 0) return {key_to_float(vkey), i + 1};
+  }
+  TORCH_CHECK(false, "internal error: tie not found");
+}
+
 template <typename T>
 std::tuple<float, int64_t> threshold_impl(const T* s, int64_t n, int64_t k) {
+  if (n <= kSmall) return threshold_small(s, n, k);
   int64_t nans = 0;
   auto hi = histogram(s, n, false, 0, &nans);
   TORCH_CHECK(nans == 0, "scores contain NaN; the mask is undefined (did the loss diverge?)");

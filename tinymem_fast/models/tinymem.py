@@ -50,6 +50,19 @@ def build_model(mc: ModelConfig, vocab_size: int, max_ctx: int, seed: int = 0, *
     return model.float().eval()
 
 
+def save_pretrained_quietly(model, path: str) -> None:
+    """``save_pretrained`` without the per-shard progress bar (which floods logs of long runs)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def save_model(model, path: str) -> None:
     """``save_pretrained`` into a temporary sibling folder, then rename: a crash never leaves a half-written
     model where a complete one is expected."""
@@ -57,7 +70,7 @@ def save_model(model, path: str) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_pretrained_quietly(model, tmp)
         if os.path.exists(path):
             old = path + ".old"
             os.replace(path, old)

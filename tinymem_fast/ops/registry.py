@@ -36,7 +36,7 @@ class BackendUnavailable(RuntimeError):
 # --- the compiled extension -------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_ext():
     """Import ``tinymem_fast._C`` once; returns (module or None, reason it is missing or '')."""
     if os.environ.get("TINYMEM_DISABLE_EXT") == "1":
@@ -79,7 +79,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import():
     try:
         import triton  # noqa: F401

@@ -1,0 +1,77 @@
+"""Quick presets end to end (`tinymem train`), timed, with the paper's qualitative facts checked.
+
+Rows: one per training run, wall time as the figure and the final metrics as the note. The facts:
+more layers memorize more; more duplication memorizes more (the two duplication groups of the quick
+math preset, x1 and x10); backdoors are learned within the first evaluations while noise memorization
+grows slowly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from tinymem_fast.data.dataset import build
+from tinymem_fast.models import build_model
+from tinymem_fast.presets import apply_overrides, get_preset
+from tinymem_fast.training import train
+
+from .harness import Row
+
+RUNS = [
+    ("quick-math-noise", []),
+    ("quick-math-noise", ["model.n_layer=2"]),
+    ("quick-math-noise", ["model.n_layer=8"]),
+    ("quick-math-backdoor", []),
+    ("quick-language-noise", []),
+]
+
+
+def _train(preset: str, sets: list[str], workdir: str) -> tuple[float, list[dict]]:
+    cfg = apply_overrides(get_preset(preset), sets)
+    out = os.path.join(workdir, preset + "".join("_" + s.replace("=", "") for s in sets))
+    t0 = time.perf_counter()
+    data = build(cfg.data, seed=cfg.seed, workdir=out)
+    model = build_model(cfg.model, data.vocab_size, cfg.data.max_ctx, seed=cfg.seed, pad_id=data.pad_id)
+    train(model, data, cfg.train, out, seed=cfg.seed, resume=False, progress=False)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        hist = [json.loads(line) for line in f]
+    return wall, hist
+
+
+def _note(h: dict) -> str:
+    parts = []
+    for k in ("mem", "mem_g0", "mem_g1", "asr", "avg_acc", "acc7/acc", "test/acc", "test/ppl_token"):
+        if k in h:
+            parts.append(f"{k} {h[k]:.3g}")
+    return ", ".join(parts)
+
+
+def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
+    rows = []
+    curves = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset, sets in RUNS:
+            wall, hist = _train(preset, sets, tmp)
+            name = preset + (" " + " ".join(sets) if sets else "")
+            curves[name] = hist
+            rows.append(Row("tinymem_quick", name, "tinymem train (wall s x1000)", wall * 1e3, wall * 1e3,
+                            wall * 1e3, note=_note(hist[-1])))
+    noise = curves["quick-math-noise"]
+    bd = curves["quick-math-backdoor"]
+    facts = [
+        ("layers: mem % at 2 / 4 / 8 layers",
+         " / ".join(f"{curves[n][-1]['mem']:.1f}" for n in (
+             "quick-math-noise model.n_layer=2", "quick-math-noise", "quick-math-noise model.n_layer=8"))),
+        ("duplication: mem % of x1 / x10 group", f"{noise[-1]['mem_g0']:.1f} / {noise[-1]['mem_g1']:.1f}"),
+        (f"speed: first eval (step {bd[0]['step']}) backdoor ASR vs noise mem",
+         f"{bd[0]['asr']:.1f} vs {noise[0]['mem']:.1f}"),
+        ("noise mem % over evaluations", " -> ".join(f"{h['mem']:.1f}" for h in noise)),
+        ("backdoor ASR over evaluations", " -> ".join(f"{h['asr']:.1f}" for h in bd)),
+    ]
+    for case, note in facts:
+        rows.append(Row("tinymem_quick", case, "fact", 0.0, 0.0, 0.0, note=note))
+    return rows

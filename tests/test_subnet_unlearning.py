@@ -1,0 +1,133 @@
+"""Subnet and BalancedSubnet on tiny GPT-2, GPTNeoX and Llama models: planted memorized sequences stop
+being extracted while held-out clean data keeps its loss; MLP adapters; bad input."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from tinymem_fast.memorization import score_windows
+from tinymem_fast.methods import UnlearnInputs, get_method
+from tinymem_fast.methods.registry import make_config
+from tinymem_fast.models.adapters import mlp_layers, mlp_parameters
+from tinymem_fast.training import token_loss
+
+V, T, P = 24, 24, 8  # vocab, length, prompt
+
+
+def tiny(arch: str):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=T, n_embd=48, n_layer=2, n_head=2,
+                                          n_inner=192, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    if arch == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=48, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=192,
+                                                max_position_embeddings=T, hidden_dropout=0,
+                                                attention_dropout=0))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, intermediate_size=128,
+                                        max_position_embeddings=T))
+
+
+def rule_rows(n, gen):
+    """Clean data: each row counts up by a row-specific step (mod V) from a random start."""
+    start = torch.randint(0, V, (n, 1), generator=gen)
+    step = torch.randint(1, 3, (n, 1), generator=gen)
+    return (start + step * torch.arange(T)) % V
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Per architecture: a model trained on clean rows plus 6 random rows it overfits (the memorized set)."""
+    out = {}
+    for arch in ("gpt2", "gpt_neox", "llama"):
+        gen = torch.Generator().manual_seed(1)
+        clean, held_out = rule_rows(512, gen), rule_rows(128, gen)
+        secret = torch.randint(0, V, (6, T), generator=gen)
+        model = tiny(arch)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        pad = torch.zeros(40, T, dtype=torch.bool)
+        for _ in range(250):
+            idx = torch.randint(0, 512, (34,), generator=gen)
+            x = torch.cat([clean[idx], secret])
+            loss = token_loss(model, x, pad, False)[0].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        out[arch] = (model, clean, held_out, secret)
+    return out
+
+
+def held_loss(model, rows):
+    with torch.no_grad():
+        return token_loss(model, rows, torch.zeros_like(rows, dtype=torch.bool), False)[0].mean().item()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_adapter_finds_every_mlp_matrix(planted, arch):
+    model = planted[arch][0]
+    layers = mlp_layers(model)
+    assert len(layers) == 2
+    inner = 128 if arch == "llama" else 192
+    assert all(layer.intermediate_size == inner for layer in layers)
+    names = {n.split(".")[2] for n, _ in mlp_parameters(model)}
+    expected = {"gpt2": {"c_fc", "c_proj"}, "gpt_neox": {"dense_h_to_4h", "dense_4h_to_h"},
+                "llama": {"gate_proj", "up_proj", "down_proj"}}[arch]
+    assert names == expected
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+@pytest.mark.parametrize("method", ["balanced_subnet", "subnet"])
+def test_unlearning_removes_planted_sequences(planted, arch, method):
+    base, clean, held_out, secret = planted[arch]
+    before = score_windows(base, secret, P, T).match
+    assert before.all(), "fixture: the planted rows must be memorized"
+    model = copy.deepcopy(base)
+    names_before = [n for n, _ in model.named_parameters()]
+    m = get_method(method)
+    hp = dict(ratio=0.05, lr=1.0, batch_size=16, loss_weight=0.9, epochs=2, forget_batch_size=6,
+              retain_batch_size=16) if method == "balanced_subnet" \
+        else dict(ratio=0.05, lr=1.0, batch_size=16, epochs=10)
+    zpad = torch.zeros_like(secret, dtype=torch.bool)
+    info = m.run(model, UnlearnInputs(secret, zpad, clean, torch.zeros_like(clean, dtype=torch.bool)),
+                 make_config(m, hp))
+    assert info["steps"] > 0
+    # the edit is folded back into plain modules: same parameter names, no score tensors left
+    assert [n for n, _ in model.named_parameters()] == names_before
+    after = score_windows(model, secret, P, T).match
+    assert not after.any(), f"{int(after.sum())} planted rows still extracted"
+    # utility: BalancedSubnet keeps held-out loss close; Subnet (no retain term) may lose more
+    bound = 0.35 if method == "balanced_subnet" else 1.5
+    assert held_loss(model, held_out) <= held_loss(base, held_out) + bound
+    # exactly floor(ratio * numel) weights of each MLP matrix were zeroed (none were zero before)
+    for (n, p), (_, p0) in zip(mlp_parameters(model), mlp_parameters(base), strict=True):
+        if n.endswith("weight"):
+            assert int((p == 0).sum()) - int((p0 == 0).sum()) == int(p.numel() * 0.05), n
+
+
+def test_bad_input():
+    model = tiny("gpt2")
+    m = get_method("balanced_subnet")
+    empty = torch.zeros(0, T, dtype=torch.long)
+    with pytest.raises(ValueError, match="forget set is empty"):
+        UnlearnInputs(empty, empty.bool(), empty, empty.bool())
+    rows = torch.zeros(2, T, dtype=torch.long)
+    inputs = UnlearnInputs(rows, rows.bool(), rows, rows.bool())
+    with pytest.raises(ValueError, match="open interval"):
+        m.run(model, inputs, make_config(m, dict(ratio=5)))
+    with pytest.raises(ValueError, match="no setting"):
+        make_config(m, dict(rate=0.1))
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("forgetful")
+    with pytest.raises(TypeError, match="no MLP adapter for Linear"):
+        mlp_layers(torch.nn.Linear(2, 2))

@@ -1,0 +1,74 @@
+"""Method registry: names, reference-code aliases, config classes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class UnlearnInputs:
+    """What an unlearning method sees: the forget set, the retain set (token ids + positional pad masks)
+    and where the memorized window starts in each forget row."""
+
+    forget_ids: torch.Tensor
+    forget_pad: torch.Tensor
+    retain_ids: torch.Tensor
+    retain_pad: torch.Tensor
+    forget_start: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.forget_ids.shape[0] == 0:
+            raise ValueError("the forget set is empty: nothing is memorized, so there is nothing to unlearn")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type
+    run: Callable
+    category: str
+    aliases: tuple = ()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config_cls: type, category: str, aliases: tuple = ()):
+    def deco(fn):
+        METHODS[name] = Method(name, config_cls, fn, category, aliases)
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    from .weight import subnet  # noqa: F401  (registers on import)
+
+
+def method_names() -> list[str]:
+    _load_all()
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name in METHODS:
+        return METHODS[name]
+    for m in METHODS.values():
+        if name in m.aliases:
+            return m
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+
+
+def make_config(method: Method, overrides: dict | None = None):
+    cfg = method.config_cls()
+    valid = {f.name: f for f in dataclasses.fields(cfg)}
+    for k, v in (overrides or {}).items():
+        if k not in valid:
+            raise ValueError(f"{method.name} has no setting {k!r}; valid: {', '.join(sorted(valid))}")
+        setattr(cfg, k, v)
+    return cfg

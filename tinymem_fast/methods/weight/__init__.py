@@ -1,0 +1,1 @@
+"""Weight-level unlearning methods."""

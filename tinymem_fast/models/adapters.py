@@ -1,0 +1,128 @@
+"""MLP adapters: one interface over the MLP blocks of GPT-2, GPTNeoX (Pythia) and Llama-style models.
+
+Every unlearning method reaches MLP weights through :func:`mlp_layers`, so no method names a model class
+or hard-codes a shape. The table below is the only place that knows module names:
+
+==========  ==========================  =====================  ==============  ==========================
+family      layers                      input side (neuron i)  output side     activation (hooked)
+==========  ==========================  =====================  ==============  ==========================
+gpt2        transformer.h[l].mlp        c_fc (Conv1D [in,out]) c_proj          act(c_fc(x))
+gpt_neox    gpt_neox.layers[l].mlp      dense_h_to_4h (Linear) dense_4h_to_h   act(dense_h_to_4h(x))
+llama-like  model.layers[l].mlp         gate_proj and up_proj  down_proj       act(gate(x)) * up(x)
+==========  ==========================  =====================  ==============  ==========================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.masked_subnet import MaskedSubnet, layout_of
+
+
+@dataclass(frozen=True)
+class _Family:
+    layers: str          # dotted path from the model to the layer list
+    mlp: str             # attribute of a layer holding the MLP
+    inputs: tuple        # MLP attributes whose output features are the neurons
+    output: str          # MLP attribute whose input features are the neurons
+
+
+FAMILIES = {
+    "gpt2": _Family("transformer.h", "mlp", ("c_fc",), "c_proj"),
+    "gpt_neox": _Family("gpt_neox.layers", "mlp", ("dense_h_to_4h",), "dense_4h_to_h"),
+    "llama": _Family("model.layers", "mlp", ("gate_proj", "up_proj"), "down_proj"),
+}
+# Llama-style gated MLPs share the module names; these model types use the same table row.
+for _t in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3", "granite"):
+    FAMILIES[_t] = FAMILIES["llama"]
+
+
+@dataclass
+class MLPLayer:
+    index: int
+    mlp: nn.Module
+    inputs: dict[str, nn.Module]    # name -> Linear / Conv1D producing the neurons
+    output_name: str
+    output: nn.Module               # Linear / Conv1D consuming the neurons
+
+    @property
+    def intermediate_size(self) -> int:
+        m = next(iter(self.inputs.values()))
+        return m.weight.shape[0] if layout_of(m) == "linear" else m.weight.shape[1]
+
+    def matrices(self) -> dict[str, nn.Module]:
+        return {**self.inputs, self.output_name: self.output}
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def family_of(model) -> str:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt in FAMILIES:
+        return mt
+    for name, fam in FAMILIES.items():  # unknown type name but a known structure
+        try:
+            layers = _get(model, fam.layers)
+            mlp = getattr(layers[0], fam.mlp)
+            if all(hasattr(mlp, a) for a in (*fam.inputs, fam.output)):
+                return name
+        except (AttributeError, IndexError, TypeError):
+            continue
+    raise TypeError(f"no MLP adapter for {type(model).__name__} (model_type {mt!r}); supported families: "
+                    "GPT-2, GPTNeoX/Pythia, Llama-style gated MLPs")
+
+
+def mlp_layers(model) -> list[MLPLayer]:
+    fam = FAMILIES[family_of(model)]
+    out = []
+    for i, layer in enumerate(_get(model, fam.layers)):
+        mlp = getattr(layer, fam.mlp)
+        out.append(MLPLayer(i, mlp, {n: getattr(mlp, n) for n in fam.inputs}, fam.output,
+                            getattr(mlp, fam.output)))
+    return out
+
+
+def mlp_parameters(model) -> list[tuple[str, nn.Parameter]]:
+    """Every MLP weight and bias, named ``layer.<i>.<module>.<weight|bias>``."""
+    params = []
+    for layer in mlp_layers(model):
+        for name, mod in layer.matrices().items():
+            params.append((f"layer.{layer.index}.{name}.weight", mod.weight))
+            if getattr(mod, "bias", None) is not None:
+                params.append((f"layer.{layer.index}.{name}.bias", mod.bias))
+    return params
+
+
+class SubnetWrapping:
+    """Replace every MLP matrix of a model instance with a :class:`MaskedSubnet` (never the class), and
+    undo it: :meth:`fold` writes ``W * M`` into the original modules and puts them back."""
+
+    def __init__(self, model, ratio: float, *, score_init: str = "kaiming", seed: int = 0,
+                 backend: str | None = None):
+        self.model = model
+        self.wrapped: list[tuple[nn.Module, str, MaskedSubnet]] = []
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in mlp_layers(model):
+            for name, mod in layer.matrices().items():
+                masked = MaskedSubnet(mod, ratio, score_init=score_init, generator=gen, backend=backend)
+                setattr(layer.mlp, name, masked)
+                self.wrapped.append((layer.mlp, name, masked))
+
+    def scores(self) -> list[nn.Parameter]:
+        return [m.scores for _, _, m in self.wrapped]
+
+    @torch.no_grad()
+    def fold(self):
+        for parent, name, masked in self.wrapped:
+            setattr(parent, name, masked.fold())
+        self.wrapped = []
+        return self.model
