@@ -27,7 +27,8 @@ def tiny(arch: str):
     torch.manual_seed(0)
     if arch == "gpt2":
         return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=T, n_embd=48, n_layer=2, n_head=2,
-                                          n_inner=192, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+                                          n_inner=192, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                          bos_token_id=None, eos_token_id=None))
     if arch == "gpt_neox":
         return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=48, num_hidden_layers=2,
                                                 num_attention_heads=2, intermediate_size=192,
@@ -47,6 +48,10 @@ def rule_rows(n, gen):
 
 @pytest.fixture(scope="module")
 def planted():
+    return make_planted()
+
+
+def make_planted():
     """Per architecture: a model trained on clean rows plus 6 random rows it overfits (the memorized set)."""
     out = {}
     for arch in ("gpt2", "gpt_neox", "llama"):
@@ -95,9 +100,9 @@ def test_unlearning_removes_planted_sequences(planted, arch, method):
     model = copy.deepcopy(base)
     names_before = [n for n, _ in model.named_parameters()]
     m = get_method(method)
-    hp = dict(ratio=0.05, lr=1.0, batch_size=16, loss_weight=0.9, epochs=2, forget_batch_size=6,
+    hp = dict(ratio=0.05, lr=1.0, batch_size=16, loss_weight=0.9, epochs=4, forget_batch_size=6,
               retain_batch_size=16) if method == "balanced_subnet" \
-        else dict(ratio=0.05, lr=1.0, batch_size=16, epochs=10)
+        else dict(ratio=0.1, lr=1.0, batch_size=16, epochs=20)
     zpad = torch.zeros_like(secret, dtype=torch.bool)
     info = m.run(model, UnlearnInputs(secret, zpad, clean, torch.zeros_like(clean, dtype=torch.bool)),
                  make_config(m, hp))
@@ -107,12 +112,12 @@ def test_unlearning_removes_planted_sequences(planted, arch, method):
     after = score_windows(model, secret, P, T).match
     assert not after.any(), f"{int(after.sum())} planted rows still extracted"
     # utility: BalancedSubnet keeps held-out loss close; Subnet (no retain term) may lose more
-    bound = 0.35 if method == "balanced_subnet" else 1.5
+    bound = 0.1 if method == "balanced_subnet" else 1.5
     assert held_loss(model, held_out) <= held_loss(base, held_out) + bound
     # exactly floor(ratio * numel) weights of each MLP matrix were zeroed (none were zero before)
     for (n, p), (_, p0) in zip(mlp_parameters(model), mlp_parameters(base), strict=True):
         if n.endswith("weight"):
-            assert int((p == 0).sum()) - int((p0 == 0).sum()) == int(p.numel() * 0.05), n
+            assert int((p == 0).sum()) - int((p0 == 0).sum()) == int(p.numel() * hp["ratio"]), n
 
 
 def test_bad_input():

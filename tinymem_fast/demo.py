@@ -111,7 +111,8 @@ def format_table(base: dict, rows: list[dict], mem_key: str) -> str:
     for r in rows:
         a = r["after"]
         name = f"{r['method']} (ratio {r['hparams']['ratio']:g})"
-        lines.append(f"| {name} | {a[mem_key]:.2f} | {_acc(a):.4f} | {_ppl(a):.3f} | {r['time_method_s']:.1f} |")
+        secs = r["time_method_s"]
+        lines.append(f"| {name} | {a[mem_key]:.2f} | {_acc(a):.4f} | {_ppl(a):.3f} | {secs:.1f} |")
     return "\n".join(lines)
 
 
