@@ -10,7 +10,7 @@ import torch
 
 from .harness import save
 
-SUITES = ["masked_subnet", "training"]
+SUITES = ["masked_subnet", "training", "unlearning"]
 
 
 def main(argv=None) -> int:

@@ -14,9 +14,8 @@ import tempfile
 import time
 
 from tinymem_fast.data.dataset import build
-from tinymem_fast.models import build_model
 from tinymem_fast.presets import apply_overrides, get_preset
-from tinymem_fast.training import train
+from tinymem_fast.training import build_model_for, train
 
 from .harness import Row
 
@@ -34,7 +33,7 @@ def _train(preset: str, sets: list[str], workdir: str) -> tuple[float, list[dict
     out = os.path.join(workdir, preset + "".join("_" + s.replace("=", "") for s in sets))
     t0 = time.perf_counter()
     data = build(cfg.data, seed=cfg.seed, workdir=out)
-    model = build_model(cfg.model, data.vocab_size, cfg.data.max_ctx, seed=cfg.seed, pad_id=data.pad_id)
+    model = build_model_for(data, cfg.model, seed=cfg.seed)
     train(model, data, cfg.train, out, seed=cfg.seed, resume=False, progress=False)
     wall = time.perf_counter() - t0
     with open(os.path.join(out, "metrics.jsonl")) as f:

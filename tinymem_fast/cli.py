@@ -31,9 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import time
 
     from .data.dataset import build
-    from .models import build_model
     from .presets import apply_overrides, get_preset
-    from .training import train
+    from .training import build_model_for, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -57,10 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "data_meta": data.meta}
     with open(os.path.join(out, "run.json"), "w") as f:
         json.dump(run_info, f, indent=1)
-    eos = pad = data.pad_id
-    model = build_model(cfg.model, data.vocab_size, cfg.data.max_ctx, seed=cfg.seed,
-                        bos_id=eos if cfg.data.kind == "language" else 10, eos_id=eos if cfg.data.kind ==
-                        "language" else 11, pad_id=pad)
+    model = build_model_for(data, cfg.model, seed=cfg.seed)
     result = train(model, data, cfg.train, out, seed=cfg.seed, resume=not args.no_resume,
                    progress=not args.quiet)
     result["wall_s"] = time.perf_counter() - t0

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .memorization import memorization_stats
 from .metrics import evaluate_tests
-from .models import save_model
+from .models import build_model, save_model
 from .models.tinymem import save_pretrained_quietly
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,18 @@ class TrainHook:
 
     def extra_loss(self, model, step: int) -> torch.Tensor | None:
         return None
+
+
+def build_model_for(data, model_cfg, seed: int = 0):
+    """A fresh TinyMem model sized for ``data``. The config names BOS/EOS but no pad token: pads are
+    handled by positional masks, and a pad id would make every forward warn about missing attention masks."""
+    from .data import math as mathdata
+
+    if data.config.kind == "math":
+        ids = dict(bos_id=mathdata.BOS, eos_id=mathdata.EOS)
+    else:
+        ids = dict(bos_id=data.pad_id, eos_id=data.pad_id)
+    return build_model(model_cfg, data.vocab_size, data.config.max_ctx, seed=seed, **ids)
 
 
 def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool):
