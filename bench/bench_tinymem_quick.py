@@ -8,16 +8,18 @@ grows slowly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 import time
 
 from tinymem_fast.data.dataset import build
 from tinymem_fast.presets import apply_overrides, get_preset
 from tinymem_fast.training import build_model_for, train
 
-from .harness import Row
+from .harness import HERE, Row
+
+CACHE = os.path.join(HERE, ".cache", "tinymem_quick")
 
 RUNS = [
     ("quick-math-noise", []),
@@ -28,14 +30,22 @@ RUNS = [
 ]
 
 
-def _train(preset: str, sets: list[str], workdir: str) -> tuple[float, list[dict]]:
+def _train(preset: str, sets: list[str]) -> tuple[float, list[dict]]:
+    """Train one configuration, or reuse a finished run of the identical configuration (keyed by a hash
+    of the full config), with the wall time it took then."""
     cfg = apply_overrides(get_preset(preset), sets)
-    out = os.path.join(workdir, preset + "".join("_" + s.replace("=", "") for s in sets))
-    t0 = time.perf_counter()
-    data = build(cfg.data, seed=cfg.seed, workdir=out)
-    model = build_model_for(data, cfg.model, seed=cfg.seed)
-    train(model, data, cfg.train, out, seed=cfg.seed, resume=False, progress=False)
-    wall = time.perf_counter() - t0
+    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    out = os.path.join(CACHE, key)
+    done = os.path.join(out, "wall.json")
+    if not os.path.exists(done):
+        t0 = time.perf_counter()
+        data = build(cfg.data, seed=cfg.seed, workdir=out)
+        model = build_model_for(data, cfg.model, seed=cfg.seed)
+        train(model, data, cfg.train, out, seed=cfg.seed, resume=False, progress=False)
+        with open(done, "w") as f:
+            json.dump({"wall_s": time.perf_counter() - t0, "preset": preset, "sets": sets}, f)
+    with open(done) as f:
+        wall = json.load(f)["wall_s"]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         hist = [json.loads(line) for line in f]
     return wall, hist
@@ -49,16 +59,19 @@ def _note(h: dict) -> str:
     return ", ".join(parts)
 
 
+def _at(hist: list[dict], step: int, key: str) -> float:
+    return next(h[key] for h in hist if h["step"] == step)
+
+
 def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
     rows = []
     curves = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for preset, sets in RUNS:
-            wall, hist = _train(preset, sets, tmp)
-            name = preset + (" " + " ".join(sets) if sets else "")
-            curves[name] = hist
-            rows.append(Row("tinymem_quick", name, "tinymem train (wall s x1000)", wall * 1e3, wall * 1e3,
-                            wall * 1e3, note=_note(hist[-1])))
+    for preset, sets in RUNS:
+        wall, hist = _train(preset, sets)
+        name = preset + (" " + " ".join(sets) if sets else "")
+        curves[name] = hist
+        rows.append(Row("tinymem_quick", name, "tinymem train (wall s x1000)", wall * 1e3, wall * 1e3,
+                        wall * 1e3, note=_note(hist[-1])))
     noise = curves["quick-math-noise"]
     bd = curves["quick-math-backdoor"]
     facts = [
@@ -66,8 +79,9 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
          " / ".join(f"{curves[n][-1]['mem']:.1f}" for n in (
              "quick-math-noise model.n_layer=2", "quick-math-noise", "quick-math-noise model.n_layer=8"))),
         ("duplication: mem % of x1 / x10 group", f"{noise[-1]['mem_g0']:.1f} / {noise[-1]['mem_g1']:.1f}"),
-        (f"speed: first eval (step {bd[0]['step']}) backdoor ASR vs noise mem",
-         f"{bd[0]['asr']:.1f} vs {noise[0]['mem']:.1f}"),
+        ("speed: backdoor ASR vs noise mem at step 300 / 500",
+         f"{_at(bd, 300, 'asr'):.1f} vs {_at(noise, 300, 'mem'):.1f} / "
+         f"{_at(bd, 500, 'asr'):.1f} vs {_at(noise, 500, 'mem'):.1f}"),
         ("noise mem % over evaluations", " -> ".join(f"{h['mem']:.1f}" for h in noise)),
         ("backdoor ASR over evaluations", " -> ".join(f"{h['asr']:.1f}" for h in bd)),
     ]

@@ -25,7 +25,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_masked_subnet_cu
     tests/test_masked_subnet_triton.py tests/test_masked_subnet.py || status=1
 
 step "GPU benchmarks"
-timeout 150 python3 -m bench --device cuda --repeats 10 || status=1
+timeout 200 python3 -m bench --device cuda --repeats 10 --only masked_subnet --only training || status=1
 cp bench/results/gpu-*.json "$OUT/" 2>/dev/null
 cp bench/RESULTS.md "$OUT/RESULTS.md"
 step "done, status $status"

@@ -96,7 +96,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
 
     from .data.dataset import build
     from .demo import QUICK_METHODS
-    from .experiments import append_row, unlearn
+    from .experiments import NothingMemorized, append_row, unlearn
     from .methods import get_method
     from .models import load_model, save_model
     from .presets import RunConfig, apply_overrides, get_preset
@@ -126,7 +126,10 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     try:
         row = unlearn(model, data, method.name, {**hp, "progress": not args.quiet}, seed=args.seed,
                       model_tag=os.path.abspath(model_path), retain_size=args.retain_size)
-    except ValueError as exc:
+    except NothingMemorized as exc:
+        print(f"tinymem unlearn: {exc}")
+        return 0
+    except (ValueError, TypeError) as exc:
         print(f"tinymem unlearn: {exc}", file=sys.stderr)
         return 2
     append_row(row, args.out)

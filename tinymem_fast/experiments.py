@@ -25,6 +25,10 @@ from .metrics import evaluate_tests
 log = logging.getLogger(__name__)
 
 
+class NothingMemorized(ValueError):
+    """The model reproduces none of its artifact sequences: there is nothing to unlearn."""
+
+
 def _device_name(model) -> str:
     dev = next(model.parameters()).device
     if dev.type == "cuda":
@@ -124,7 +128,8 @@ def unlearn(model, data, method: str, overrides: dict | None = None, *, retain_s
     f_idx, f_start = forget
     t_eval_before = time.perf_counter() - t0
     if f_idx.numel() == 0:
-        raise ValueError("nothing is memorized: the forget set is empty")
+        raise NothingMemorized(f"nothing is memorized ({mem_key} = {base[mem_key]:.1f}%): the forget set is "
+                               "empty, so there is nothing to unlearn")
     r_idx = retain_set(data, f_idx, retain_size, seed)
     inputs = UnlearnInputs(data.rows[f_idx], data.pad[f_idx], data.rows[r_idx], data.pad[r_idx], f_start)
     _sync(model)

@@ -60,7 +60,8 @@ def _quick_math(artifact: str) -> RunConfig:
     return RunConfig(
         data=DataConfig(kind="math", artifact=artifact, family="increment", num_main=3000, num_extra=600,
                         num_test=200, seq_numbers=14, max_ctx=72, prompt_len=20, mem_len=20,
-                        num_noise=100, dup_groups=2 if noise else 0, dup_base=10),
+                        num_noise=100, dup_groups=2 if noise else 0, dup_base=10,
+                        backdoor_dup=1 if noise else 3),
         model=ModelConfig(n_layer=4),
         train=TrainConfig(batch_size=64, epochs=100, max_steps=900 if noise else 600, eval_every=100,
                           ckpt_every=100, eval_batch_size=256),

@@ -71,4 +71,8 @@ def make_config(method: Method, overrides: dict | None = None):
         if k not in valid:
             raise ValueError(f"{method.name} has no setting {k!r}; valid: {', '.join(sorted(valid))}")
         setattr(cfg, k, v)
+    if hasattr(cfg, "ratio"):
+        from ..ops.masked_subnet import check_ratio
+
+        check_ratio(cfg.ratio)  # fail before any long work, not midway
     return cfg
