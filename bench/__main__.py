@@ -10,7 +10,7 @@ import torch
 
 from .harness import save
 
-SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick"]
+SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick"]
 
 
 def main(argv=None) -> int:

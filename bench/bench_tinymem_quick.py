@@ -30,9 +30,9 @@ RUNS = [
 ]
 
 
-def _train(preset: str, sets: list[str]) -> tuple[float, list[dict]]:
-    """Train one configuration, or reuse a finished run of the identical configuration (keyed by a hash
-    of the full config), with the wall time it took then."""
+def trained_run(preset: str, sets: list[str]) -> str:
+    """Folder of a finished run of this exact configuration (keyed by a hash of the full config),
+    training it first if needed; ``wall.json`` there records the wall time the training took."""
     cfg = apply_overrides(get_preset(preset), sets)
     key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     out = os.path.join(CACHE, key)
@@ -44,7 +44,12 @@ def _train(preset: str, sets: list[str]) -> tuple[float, list[dict]]:
         train(model, data, cfg.train, out, seed=cfg.seed, resume=False, progress=False)
         with open(done, "w") as f:
             json.dump({"wall_s": time.perf_counter() - t0, "preset": preset, "sets": sets}, f)
-    with open(done) as f:
+    return out
+
+
+def _train(preset: str, sets: list[str]) -> tuple[float, list[dict]]:
+    out = trained_run(preset, sets)
+    with open(os.path.join(out, "wall.json")) as f:
         wall = json.load(f)["wall_s"]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         hist = [json.loads(line) for line in f]

@@ -106,8 +106,9 @@ def selection_score(before: dict, after: dict, kind: str, mem_key: str) -> dict:
 
 
 def run_id(model_tag: str, method: str, cfg, seed: int) -> str:
-    blob = json.dumps({"model": model_tag, "method": method, "cfg": dataclasses.asdict(cfg), "seed": seed},
-                      sort_keys=True, default=str)
+    hp = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}  # display only
+    blob = json.dumps({"model": model_tag, "method": method, "cfg": hp, "seed": seed}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
