@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tinymem_fast.demo import run_demo
 from tinymem_fast.presets import apply_overrides, get_preset
 
@@ -19,9 +21,9 @@ def test_demo_writes_table_rows_and_plot(tmp_path):
     rows = run_demo(str(tmp_path), cfg=cfg, methods=METHODS, progress=False, say=said.append)
     text = "\n".join(said)
     assert "[1/3] training" in text
-    if not rows:  # a legitimate outcome: reported, and nothing half-written
+    if not rows:  # a legitimate outcome, reported cleanly; but then this test checked little: say so
         assert "nothing is memorized" in text
-        return
+        pytest.skip("the tiny model memorized nothing")
     assert [r["method"] for r in rows] == ["balanced_subnet", "subnet"]
     for name in ("table.md", "results.jsonl", "results.csv", "memorization_vs_accuracy.png"):
         assert (tmp_path / name).stat().st_size > 0
