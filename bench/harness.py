@@ -59,9 +59,9 @@ class Row:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    peak_mib: float | None = None  # so that Row(suite, case, provider, *measure(...)) lines up
     baseline: str = ""
     ratio: float | None = None  # baseline time / this time (>1 = faster than the baseline)
-    peak_mib: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -146,7 +146,7 @@ def write_markdown() -> None:
             for r in body["rows"]:
                 parts.append(
                     f"| {r['case']} | {r['provider']} | {_fmt(r['median_ms'])} | "
-                    f"{_fmt(r['p20_ms'])}-{_fmt(r['p80_ms'])} | {r['baseline']} | "
+                    f"{_fmt(r['p20_ms'])}-{_fmt(r['p80_ms'])} | {r['baseline'] or ''} | "
                     f"{_fmt(r['ratio'])}{'x' if r['ratio'] is not None else ''} | "
                     f"{_fmt(r['peak_mib'], 1)} | {r['note']} |")
             parts.append("")
