@@ -32,3 +32,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """arch -> (model, clean rows, held-out rows, planted memorized rows); built once per session."""
+    from tiny_models import make_planted
+
+    return make_planted()

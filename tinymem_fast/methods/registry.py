@@ -46,7 +46,8 @@ def register(name: str, config_cls: type, category: str, aliases: tuple = ()):
 
 
 def _load_all() -> None:
-    from .weight import subnet  # noqa: F401  (registers on import)
+    from .neuron import activations  # noqa: F401  (registers on import)
+    from .weight import durable, subnet  # noqa: F401
 
 
 def method_names() -> list[str]:

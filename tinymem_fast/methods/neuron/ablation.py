@@ -1,0 +1,91 @@
+"""Neuron ablation shared by the neuron-level methods.
+
+A neuron-level method produces an attribution ``A`` of shape ``[n_layer, I]`` (``I`` = MLP intermediate
+size). In every layer the ``floor(ratio * I)`` neurons with the largest ``A`` are ablated for good by
+zeroing the neuron's *input* weights and input bias:
+
+* GPT-2: ``c_fc.weight[:, i]`` (Conv1D ``[in, out]``) and ``c_fc.bias[i]``;
+* GPTNeoX: ``dense_h_to_4h.weight[i, :]`` and ``.bias[i]``;
+* Llama-style: row ``i`` of both ``gate_proj`` and ``up_proj`` (and their biases, if any).
+
+Since act(0) = 0 for ReLU/GELU/SiLU and ``act(gate) * up`` is 0 once ``up`` is, the neuron then outputs
+exactly 0 for every input. Modules are reached only through :func:`~tinymem_fast.models.adapters.mlp_layers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ...models.adapters import MLPLayer, mlp_layers
+from ...ops.masked_subnet import layout_of, num_dropped
+
+
+def top_neurons(attribution: Tensor, ratio: float) -> dict[int, Tensor]:
+    """Per layer, the indices of the ``floor(ratio * I)`` largest attributions (ties: lower index first)."""
+    if attribution.dim() != 2:
+        raise ValueError(f"attribution must be [n_layer, intermediate], got shape {tuple(attribution.shape)}")
+    if bool(torch.isnan(attribution).any()):
+        raise ValueError("attribution contains NaN")
+    k = num_dropped(attribution.shape[1], ratio)
+    # a stable descending sort keeps equal values in index order, so ties go to the lower index
+    order = torch.sort(attribution.detach().float().cpu(), dim=1, descending=True, stable=True).indices
+    return {layer: order[layer, :k].clone() for layer in range(attribution.shape[0])}
+
+
+def output_weight_norms(layer: MLPLayer) -> Tensor:
+    """``||w_out,i||_2`` per neuron ``i``: the norm of the vector neuron ``i`` writes into the residual."""
+    w = layer.output.weight.detach().float()
+    return w.norm(dim=1) if layout_of(layer.output) == "conv1d" else w.norm(dim=0)
+
+
+@torch.no_grad()
+def ablate_neurons(model, neurons: dict[int, Tensor]) -> int:
+    """Zero the input weights and input bias of the given neurons (layer index -> neuron indices).
+
+    Returns how many (layer, neuron) pairs were ablated (duplicates counted once)."""
+    layers = mlp_layers(model)
+    count = 0
+    for li, idx in neurons.items():
+        if not 0 <= li < len(layers):
+            raise IndexError(f"layer {li} out of range: the model has {len(layers)} MLP layers")
+        layer = layers[li]
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten().unique()
+        if idx.numel() == 0:
+            continue
+        size = layer.intermediate_size
+        if bool((idx < 0).any()) or bool((idx >= size).any()):
+            raise IndexError(f"neuron index out of range [0, {size}) in layer {li}")
+        for mod in layer.inputs.values():
+            i = idx.to(mod.weight.device)
+            if layout_of(mod) == "conv1d":
+                mod.weight[:, i] = 0
+            else:
+                mod.weight[i, :] = 0
+            if getattr(mod, "bias", None) is not None:
+                mod.bias[i] = 0
+        count += idx.numel()
+    return count
+
+
+@contextmanager
+def mlp_activation_hook(model, fn: Callable[[int, Tensor], None]) -> Iterator[None]:
+    """While active, every forward calls ``fn(layer_index, act)`` with each MLP's hidden activation
+    ``[batch, seq, I]``: the input of its output module (``act(c_fc(x))``, ``act(gate(x)) * up(x))``)."""
+    handles = []
+
+    def make(index):
+        def pre_hook(_module, args):
+            fn(index, args[0])
+        return pre_hook
+
+    try:
+        for layer in mlp_layers(model):
+            handles.append(layer.output.register_forward_pre_hook(make(layer.index)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
