@@ -74,12 +74,16 @@ def ablate_neurons(model, neurons: dict[int, Tensor]) -> int:
 @contextmanager
 def mlp_activation_hook(model, fn: Callable[[int, Tensor], None]) -> Iterator[None]:
     """While active, every forward calls ``fn(layer_index, act)`` with each MLP's hidden activation
-    ``[batch, seq, I]``: the input of its output module (``act(c_fc(x))``, ``act(gate(x)) * up(x))``)."""
+    ``[batch, seq, I]``: the input of its output module (``act(c_fc(x))``, ``act(gate(x)) * up(x))``).
+    If ``fn`` returns a tensor, it replaces the activation (how Zero-Out removes neurons)."""
     handles = []
 
     def make(index):
         def pre_hook(_module, args):
-            fn(index, args[0])
+            out = fn(index, args[0])
+            if out is not None:
+                return (out, *args[1:])
+            return None
         return pre_hook
 
     try:
