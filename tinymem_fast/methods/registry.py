@@ -46,7 +46,7 @@ def register(name: str, config_cls: type, category: str, aliases: tuple = ()):
 
 
 def _load_all() -> None:
-    from .neuron import activations, zero_out  # noqa: F401  (registers on import)
+    from .neuron import activations, slimming, zero_out  # noqa: F401  (registers on import)
     from .weight import durable, subnet  # noqa: F401
 
 

@@ -1,0 +1,82 @@
+"""Slimming: learn a [0, 1] coefficient per MLP neuron that keeps the frozen model fitting the forget set
+under an L1 pull towards zero; the neurons that keep large coefficients carry the memorized data and are
+ablated (top floor(ratio * I) per layer).
+
+Loss = L_F + lambda * mean|c| with Adam on c only; gradients are zeroed every step (the reference zeroed
+them once per epoch, so they accumulated across batches) and training stops as soon as the sparsity
+term falls below ``stop_loss``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ...models.adapters import mlp_layers
+from ...training import token_loss
+from ..registry import UnlearnInputs, register
+from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
+
+
+@dataclass
+class SlimmingConfig:
+    ratio: float = 0.01
+    epochs: int = 1
+    lr: float = 0.1
+    l1_lambda: float = 1000.0
+    stop_loss: float = 0.1
+    batch_size: int = 32
+    loss_on_pad: bool = False
+    seed: int = 0
+    progress: bool = False
+
+
+def slimming_coefficients(model, inputs: UnlearnInputs, cfg: SlimmingConfig) -> tuple[torch.Tensor, int]:
+    device = next(model.parameters()).device
+    layers = mlp_layers(model)
+    coef = torch.ones(len(layers), layers[0].intermediate_size, device=device, requires_grad=True)
+    opt = torch.optim.Adam([coef], lr=cfg.lr)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def scale(index, act):
+        return act * coef[index].clamp(0, 1).to(act.dtype)
+
+    n = inputs.forget_ids.shape[0]
+    steps = 0
+    try:
+        with mlp_activation_hook(model, scale):
+            for _ in range(cfg.epochs):
+                stop = False
+                for lo in range(0, n, cfg.batch_size):
+                    x = inputs.forget_ids[lo: lo + cfg.batch_size].to(device)
+                    pad = inputs.forget_pad[lo: lo + cfg.batch_size].to(device)
+                    sparsity = coef.abs().mean()
+                    loss = token_loss(model, x, pad, cfg.loss_on_pad)[0].mean() + cfg.l1_lambda * sparsity
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if sparsity.item() < cfg.stop_loss:
+                        stop = True
+                        break
+                if stop:  # ends training, not just the epoch's batch loop
+                    break
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    return coef.detach().clamp(0, 1).cpu(), steps
+
+
+@register("slimming", SlimmingConfig, "neuron", aliases=("slim",))
+def run_slimming(model, inputs: UnlearnInputs, cfg: SlimmingConfig) -> dict:
+    t0 = time.perf_counter()
+    was = model.training
+    model.eval()
+    coef, steps = slimming_coefficients(model, inputs, cfg)
+    model.train(was)
+    count = ablate_neurons(model, top_neurons(coef, cfg.ratio))
+    return {"time_edit_s": time.perf_counter() - t0, "ablated": count, "steps": steps}
