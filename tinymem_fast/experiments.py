@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .memorization import backdoor_success, noise_memorization
 from .methods.registry import UnlearnInputs, get_method, make_config
-from .metrics import evaluate_tests
+from .training import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,9 @@ def _sync(model) -> None:
         torch.cuda.synchronize()
 
 
-def memorization(model, data, batch_size: int = 256) -> dict:
-    if data.config.artifact == "noise":
-        return noise_memorization(model, data, batch_size)
-    return backdoor_success(model, data, batch_size)
-
-
 def stats(model, data, batch_size: int = 256) -> dict:
-    out = evaluate_tests(model, data.test, batch_size)
-    mem = memorization(model, data, batch_size)
-    mem.pop("memorized_index", None)
-    out.update(mem)
-    return out
+    """Utility metrics of every test set plus memorization (the training loop's evaluation)."""
+    return evaluate(model, data, batch_size)
 
 
 def forget_set(model, data, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
