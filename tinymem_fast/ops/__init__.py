@@ -13,23 +13,38 @@ from .masked_subnet import (
     subnet_sgd_step_,
     subnet_threshold,
 )
+from .memscore import (
+    ExampleScores,
+    TokenScores,
+    lm_head_argmax,
+    memscore,
+    memscore_examples,
+    reduce_scores,
+)
 from .registry import BACKENDS, BackendUnavailable
 
 # op name -> module-level functions it covers (for `tinymem info`)
 OP_FAMILIES = {
     "masked_subnet": ("subnet_threshold", "masked_weight", "ste_score_grad", "subnet_sgd_step"),
+    "memscore": ("memscore", "memscore_examples", "lm_head_argmax"),
 }
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "ExampleScores",
     "MaskedSubnet",
     "OP_FAMILIES",
     "SubnetSGD",
     "SubnetThreshold",
+    "TokenScores",
+    "lm_head_argmax",
     "masked_linear",
     "masked_weight",
+    "memscore",
+    "memscore_examples",
     "num_dropped",
+    "reduce_scores",
     "ste_score_grad",
     "subnet_keep_mask",
     "subnet_sgd_step_",
