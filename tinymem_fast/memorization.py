@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .scoring import score_exact
+
 
 @dataclass
 class WindowScores:
@@ -29,23 +31,9 @@ def score_windows(model, ids: torch.Tensor, start: torch.Tensor | int, end: torc
     end = torch.as_tensor(end).expand(n).long().clamp(max=t)
     if bool((start < 1).any()) or bool((end <= start).any()):
         raise ValueError("every window needs 1 <= start < end (a non-empty prompt and window)")
-    device = next(model.parameters()).device
-    match, first, acc = [], [], []
-    pos = torch.arange(1, t)
-    for i in range(0, n, batch_size):
-        x = ids[i: i + batch_size]
-        s, e = start[i: i + batch_size], end[i: i + batch_size]
-        width = int(e.max())
-        logits = model(x[:, :width].to(device)).logits
-        hit = (logits[:, :-1].argmax(-1).cpu() == x[:, 1:width])  # hit[:, j] predicts token j+1
-        inwin = (pos[None, : width - 1] >= s[:, None]) & (pos[None, : width - 1] < e[:, None])
-        miss = inwin & ~hit
-        has_miss = miss.any(1)
-        first_pos = torch.where(has_miss, miss.float().argmax(1) + 1, e)  # token position of first miss
-        match.append(~has_miss)
-        first.append(first_pos - s)
-        acc.append((hit & inwin).sum(1).float() / (e - s).float())
-    return WindowScores(torch.cat(match), torch.cat(first), torch.cat(acc))
+    # one teacher-forced pass scored straight from the hidden states (tinymem_fast.scoring)
+    r = score_exact(model, ids, start, end - start, batch_size=batch_size)
+    return WindowScores(r.exact, r.first_mismatch, r.fractional)
 
 
 def noise_memorization(model, data, batch_size: int = 64) -> dict:

@@ -1,0 +1,681 @@
+"""Per-example memorization scoring and greedy extraction for any Hugging Face causal LM.
+
+* :func:`score_exact` -- is the suffix ``ids[p:p+k]`` what greedy decoding from ``ids[:p]`` produces?
+  Answered for a whole batch by one teacher-forced pass (SPEC 4.5): greedy decoding reproduces the suffix
+  iff the argmax at every suffix position of the teacher-forced pass is the next suffix token, because
+  while every earlier token matches, the decoder's context is the teacher-forced one. The model body
+  runs once over ``p + k - 1`` tokens and :func:`~tinymem_fast.ops.memscore.memscore_examples` scores
+  the ``k`` suffix positions straight from the hidden states (no logits on prefix positions, never the
+  ``[B, T, V]`` logits). ``verify`` re-decodes near-tie rows (or all rows) to guard against the different
+  rounding of a full-sequence and a KV-cache pass.
+* :func:`extract` -- real batched greedy decoding (:func:`~tinymem_fast.ops.greedy.greedy_decode`) with a
+  preallocated KV cache: the generated tokens and the Pythia-style fractional score (matched / k).
+* :func:`load_sequences` / :func:`load_causal_lm` / :func:`run_command`: input files, model folders and
+  the ``tinymem score`` / ``tinymem extract`` commands (single process or ``torchrun``).
+
+No padding is ever needed: every row is cut to ``p + k`` tokens and attention is causal, so results do
+not depend on batch size or on what follows the suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .ops.greedy import CausalLMParts, final_hidden, greedy_decode, head_bias, split_causal_lm
+from .ops.memscore import memscore_examples
+
+log = logging.getLogger(__name__)
+
+VERIFY_MODES = ("none", "margin", "full")
+# default top-1 minus top-2 logit gap below which ``verify="margin"`` re-decodes a row: a few times the
+# difference a full-sequence pass and a KV-cache pass can show in the logits at that precision
+DEFAULT_TIE_MARGIN = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 0.25}
+
+
+class ScoringInputError(ValueError):
+    """Bad input to scoring or extraction (reported as a one-line error before any work starts)."""
+
+
+# --- results ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreResult:
+    """Per-example teacher-forced scores, all ``[N]`` on the CPU.
+
+    ``exact``: greedy decoding from the prefix reproduces the whole suffix. ``first_mismatch``: offset in
+    the suffix of the first token it does not reproduce (``suffix_len`` when none). ``matched``: suffix
+    tokens whose teacher-forced argmax is right (``fractional`` = matched / suffix_len; this is the
+    teacher-forced accuracy, which after the first miss is not the decoded fractional score -- use
+    :func:`extract` for that). ``mean_nll``: mean NLL of the suffix tokens (None unless ``need_nll``).
+    ``verified``: rows that were re-decoded; ``disagree``: indices of re-decoded rows whose decoding gave
+    another exact bit or first mismatch than the teacher-forced pass (their ``exact`` and
+    ``first_mismatch`` are then the decoded ones).
+    """
+
+    exact: torch.Tensor
+    first_mismatch: torch.Tensor
+    matched: torch.Tensor
+    suffix_len: torch.Tensor
+    mean_nll: torch.Tensor | None = None
+    verified: torch.Tensor | None = None
+    disagree: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    @property
+    def fractional(self) -> torch.Tensor:
+        return self.matched.double().div(self.suffix_len.clamp(min=1)).float()
+
+    def __len__(self) -> int:
+        return int(self.exact.shape[0])
+
+
+@dataclass
+class ExtractResult:
+    """Greedy extraction, all on the CPU.
+
+    ``tokens`` ``[N, k]``: the generated tokens; with ``stop_on_mismatch`` a row stops right after its
+    first wrong token and its later entries are -1. ``matched`` ``[N]``: generated tokens equal to the
+    reference suffix, position by position over all ``k`` (with ``stop_on_mismatch``: the tokens before
+    the first miss). ``fractional`` = matched / k, the Pythia-style score (memorized iff 1).
+    ``first_mismatch``: first differing position (``k`` when none); ``exact``: all ``k`` equal.
+    """
+
+    tokens: torch.Tensor
+    matched: torch.Tensor
+    first_mismatch: torch.Tensor
+    exact: torch.Tensor
+    suffix_len: int
+    stopped: bool = False
+
+    @property
+    def fractional(self) -> torch.Tensor:
+        return self.matched.double().div(max(1, self.suffix_len)).float()
+
+    def __len__(self) -> int:
+        return int(self.exact.shape[0])
+
+
+# --- validation -----------------------------------------------------------------------------------------
+
+
+def _window(ids: torch.Tensor, prefix_len, suffix_len) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per-row (start, length) of the scored suffix as int64 ``[N]`` tensors, and whether they are uniform."""
+    n, length = ids.shape
+    p = torch.as_tensor(prefix_len, dtype=torch.long).cpu().expand(n).clone()
+    k = torch.as_tensor(suffix_len, dtype=torch.long).cpu().expand(n).clone()
+    uniform = n == 0 or (bool((p == p[0]).all()) and bool((k == k[0]).all()))
+    if n and bool((p < 1).any()):
+        raise ScoringInputError(f"prefix_len must be >= 1 (a non-empty prompt), got {int(p.min())}")
+    if n and bool((k < 1).any()):
+        raise ScoringInputError(f"suffix_len must be >= 1, got {int(k.min())}")
+    if n and bool((p + k > length).any()):
+        r = int((p + k > length).nonzero()[0])
+        raise ScoringInputError(f"prefix_len + suffix_len = {int(p[r] + k[r])} is longer than sequence {r} "
+                                f"({length} tokens); use shorter windows or longer sequences")
+    return p, k, uniform
+
+
+def as_id_matrix(ids) -> torch.Tensor:
+    """``ids`` as an int64 ``[N, L]`` CPU tensor (shape and type checks only)."""
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(ids)
+    if ids.dim() != 2:
+        raise ScoringInputError(f"token ids must be a 2-D [N, L] array, got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ScoringInputError(f"token ids must be integers, got {ids.dtype}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ScoringInputError(f"empty input: no token ids (shape {tuple(ids.shape)})")
+    return ids.detach().to("cpu", torch.long)
+
+
+def validate_ids(ids, parts: CausalLMParts, ends: torch.Tensor | int | None = None) -> torch.Tensor:
+    """``ids`` as an int64 ``[N, L]`` CPU tensor, checked against the model: every id before ``ends``
+    (per row; all of them when None) in the vocabulary, and the longest window within the context."""
+    ids = as_id_matrix(ids)
+    n, length = ids.shape
+    ends = torch.as_tensor(length if ends is None else ends, dtype=torch.long).expand(n)
+    need = int(ends.max())
+    bad = (ids < 0) | (ids >= parts.vocab_size)
+    bad[:, :need] &= torch.arange(min(need, length))[None] < ends[:, None]
+    bad[:, need:] = False
+    if bool(bad.any()):
+        r, c = (int(v) for v in bad.nonzero()[0])
+        raise ScoringInputError(f"token id {int(ids[r, c])} in sequence {r} (position {c}) is outside the "
+                                f"model's vocabulary [0, {parts.vocab_size}); wrong tokenizer?")
+    if parts.max_positions is not None and need > parts.max_positions:
+        raise ScoringInputError(f"prefix_len + suffix_len = {need} exceeds the model's context of "
+                                f"{parts.max_positions} positions")
+    return ids
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ScoringInputError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+class _eval_mode:
+    """Eval mode for the duration of a call, then every module's previous mode back (scoring is called from
+    inside training loops)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def _model_dtype(parts: CausalLMParts) -> torch.dtype:
+    return parts.head_weight.dtype if parts.head_weight is not None else next(parts.model.parameters()).dtype
+
+
+# --- teacher-forced scoring -----------------------------------------------------------------------------
+
+
+def _torch_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, need_nll: bool):
+    """Per-example reductions from materialised logits: the path for models whose head is not a plain
+    linear layer (logit scaling / soft-capping)."""
+    from .ops.memscore import TokenScores, reduce_scores
+
+    match = (logits.argmax(-1) == targets) & mask
+    if need_nll:
+        lp = torch.log_softmax(logits.float(), -1)
+        nll = -lp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * mask
+    else:
+        nll = torch.zeros(match.shape, dtype=torch.float32, device=match.device)
+    return reduce_scores(TokenScores(match, nll, need_nll), mask)
+
+
+def _rounded_logits(parts: CausalLMParts, h: torch.Tensor, bias) -> torch.Tensor:
+    """Logits as :mod:`~tinymem_fast.ops.memscore` defines them: fp32 accumulation, one rounding to the
+    model dtype."""
+    w = parts.head_weight
+    lg = h.float() @ w.float().t()
+    if bias is not None:
+        lg = lg + bias.float()
+    return lg.to(w.dtype).float() if w.dtype != torch.float32 else lg
+
+
+@torch.no_grad()
+def _top2_margin(parts: CausalLMParts, h: torch.Tensor, keep: torch.Tensor, bias) -> torch.Tensor:
+    """Smallest top-1 minus top-2 logit gap per row over the positions in ``keep`` ``[B, T]`` (inf when
+    none). Logits are built a few rows at a time to bound memory."""
+    b, t, _ = h.shape
+    out = torch.full((b,), float("inf"), device=h.device)
+    rows = max(1, (1 << 24) // max(1, t * parts.vocab_size))
+    for r0 in range(0, b, rows):
+        if parts.fused:
+            lg = _rounded_logits(parts, h[r0: r0 + rows], bias)
+        else:
+            lg = h[r0: r0 + rows].float()  # the fallback path passes logits in place of hidden states
+        top = lg.topk(2, dim=-1).values
+        gap = top[..., 0] - top[..., 1]
+        gap = torch.where(keep[r0: r0 + rows], gap, torch.full_like(gap, float("inf")))
+        out[r0: r0 + rows] = gap.min(1).values
+    return out
+
+
+def score_exact(model, ids, prefix_len, suffix_len, *, batch_size: int = 64, verify: bool | str = False,
+                tie_margin: float | None = None, need_nll: bool = False, suppress_ids=None,
+                backend: str | None = None, progress: bool = False) -> ScoreResult:
+    """Exact-memorization scores of ``ids[:, p:p+k]`` given ``ids[:, :p]``, from one teacher-forced pass.
+
+    ``ids``: int ``[N, L]`` with ``L >= p + k``; ``prefix_len`` / ``suffix_len``: ints, or int64 ``[N]``
+    tensors for per-row windows (rows are then cut at their batch's longest window). ``verify``: ``False`` /
+    ``"none"``; ``True`` / ``"margin"`` re-decodes (real greedy decoding with a KV cache) the rows whose top-1
+    minus top-2 logit gap at a suffix position up to the first miss is below ``tie_margin`` (default by
+    dtype: :data:`DEFAULT_TIE_MARGIN`); ``"full"`` re-decodes every row. ``suppress_ids``: token ids that
+    greedy decoding may never pick (``suppress_eos`` of SPEC 4.5), applied as a ``-inf`` logit here too.
+    ``need_nll``: also the per-example mean NLL of the suffix (no early exit then). The model runs in eval
+    mode (its modes are restored afterwards).
+    """
+    with _eval_mode(model), torch.no_grad():
+        return _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_margin, need_nll,
+                            suppress_ids, backend, progress)
+
+
+def _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_margin, need_nll, suppress_ids,
+                 backend, progress) -> ScoreResult:
+    mode = {False: "none", True: "margin", None: "none"}.get(verify, verify)
+    if mode not in VERIFY_MODES:
+        raise ScoringInputError(f"verify must be one of {VERIFY_MODES} (or a bool), got {verify!r}")
+    _check_batch_size(batch_size)
+    parts = split_causal_lm(model)
+    ids = as_id_matrix(ids)
+    p, k, uniform = _window(ids, prefix_len, suffix_len)
+    ends = p + k
+    validate_ids(ids, parts, ends)
+    n = ids.shape[0]
+    bias = head_bias(parts, suppress_ids) if parts.fused else None
+    dtype = _model_dtype(parts)
+    margin = DEFAULT_TIE_MARGIN.get(dtype, 1e-3) if tie_margin is None else float(tie_margin)
+    exact = torch.zeros(n, dtype=torch.bool)
+    first = torch.zeros(n, dtype=torch.long)
+    matched = torch.zeros(n, dtype=torch.long)
+    nll = torch.zeros(n, dtype=torch.float32) if need_nll else None
+    suspect = torch.zeros(n, dtype=torch.bool)
+    bar = tqdm(total=n, unit="seq", desc="score", disable=not progress, dynamic_ncols=True)
+    for i in range(0, n, batch_size):
+        j = min(n, i + batch_size)
+        lo, hi = int(p[i:j].min()), int(ends[i:j].max())
+        x = ids[i:j, :hi]
+        # the last token of the window is only a target: its hidden state is never needed
+        pos = torch.arange(lo, hi)
+        mask = (pos[None] >= p[i:j, None]) & (pos[None] < ends[i:j, None])
+        targets = x[:, lo:hi]
+        if parts.fused:
+            h = final_hidden(parts, x[:, : hi - 1])[:, lo - 1: hi - 1].to(parts.head_device)
+            dev = h.device
+            m_dev = None if uniform else mask.to(dev)
+            r = memscore_examples(h, parts.head_weight, targets.to(dev), bias=bias, mask=m_dev,
+                                  need_nll=need_nll, early_exit=not need_nll, backend=backend)
+        else:
+            h = model(input_ids=x[:, : hi - 1].to(parts.input_device)).logits[:, lo - 1: hi - 1]
+            if suppress_ids:
+                h[..., list(suppress_ids)] = float("-inf")
+            dev = h.device
+            r = _torch_scores(h, targets.to(dev), mask.to(dev), need_nll)
+        exact[i:j] = r.exact.cpu()
+        first[i:j] = r.first_mismatch.cpu()
+        matched[i:j] = r.matched.cpu()
+        if need_nll:
+            nll[i:j] = r.mean_nll.cpu()
+        if mode == "margin":
+            # a near-tie decides the result only up to the first miss; later positions cannot matter
+            rank = torch.cumsum(mask, 1) - 1
+            keep = (mask & (rank <= first[i:j, None])).to(dev)
+            suspect[i:j] = (_top2_margin(parts, h, keep, bias).cpu() < margin)
+        bar.update(j - i)
+    bar.close()
+    result = ScoreResult(exact, first, matched, k, nll)
+    if mode != "none":
+        rows = torch.arange(n) if mode == "full" else suspect.nonzero().reshape(-1)
+        result.verified = torch.zeros(n, dtype=torch.bool)
+        result.verified[rows] = True
+        if rows.numel():
+            _redecode(model, parts, ids, p, k, rows, result, batch_size, suppress_ids, backend, progress)
+    return result
+
+
+def _redecode(model, parts, ids, p, k, rows, result: ScoreResult, batch_size, suppress_ids, backend,
+              progress) -> None:
+    """Greedy-decode ``rows`` and overwrite their exact bit and first mismatch with the decoded truth."""
+    log.info("verify: re-decoding %d of %d rows", rows.numel(), len(result))
+    bad = []
+    # rows sharing (p, k) decode together (no padding)
+    keys = torch.stack([p[rows], k[rows]], 1)
+    for pk in torch.unique(keys, dim=0).tolist():
+        sel = rows[(keys == torch.tensor(pk)).all(1)]
+        pp, kk = pk
+        dec = extract(model, ids[sel, : pp + kk], pp, kk, batch_size=batch_size, stop_on_mismatch=True,
+                      suppress_ids=suppress_ids, backend=backend, progress=progress)
+        differ = (dec.exact != result.exact[sel]) | (dec.first_mismatch != result.first_mismatch[sel])
+        if bool(differ.any()):
+            bad.append(sel[differ])
+        result.exact[sel] = dec.exact
+        result.first_mismatch[sel] = dec.first_mismatch
+    result.disagree = torch.cat(bad) if bad else torch.zeros(0, dtype=torch.long)
+    if result.disagree.numel():
+        log.warning("verify: %d row(s) decode differently from the teacher-forced pass (near-ties): %s",
+                    result.disagree.numel(), result.disagree[:20].tolist())
+
+
+# --- extraction -------------------------------------------------------------------------------------------
+
+
+def extract(model, ids, prefix_len: int, suffix_len: int, *, batch_size: int = 64,
+            stop_on_mismatch: bool = False, suppress_ids=None, backend: str | None = None,
+            progress: bool = False) -> ExtractResult:
+    """Greedy-decode ``suffix_len`` tokens after ``ids[:, :prefix_len]`` and compare with
+    ``ids[:, prefix_len: prefix_len + suffix_len]``.
+
+    Token for token equal to ``model.generate(do_sample=False, max_new_tokens=k, min_new_tokens=k)`` with
+    EOS stopping disabled (``eos_token_id=None``). ``stop_on_mismatch``: rows leave the batch at their
+    first wrong token (enough for the exact bit; see :class:`ExtractResult` for what that changes). The
+    model runs in eval mode (its modes are restored afterwards).
+    """
+    with _eval_mode(model), torch.no_grad():
+        return _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, suppress_ids,
+                        backend, progress)
+
+
+def _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, suppress_ids, backend,
+             progress) -> ExtractResult:
+    _check_batch_size(batch_size)
+    for name, v in (("prefix_len", prefix_len), ("suffix_len", suffix_len)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ScoringInputError(f"{name} must be an int for extraction, got {type(v).__name__}")
+    parts = split_causal_lm(model)
+    ids = as_id_matrix(ids)
+    _window(ids, prefix_len, suffix_len)
+    validate_ids(ids, parts, prefix_len + suffix_len)
+    n, p, k = ids.shape[0], prefix_len, suffix_len
+    tokens = torch.full((n, k), -1, dtype=torch.long)
+    matched = torch.zeros(n, dtype=torch.long)
+    first = torch.zeros(n, dtype=torch.long)
+    bar = tqdm(total=n, unit="seq", desc="extract", disable=not progress, dynamic_ncols=True)
+    for i in range(0, n, batch_size):
+        j = min(n, i + batch_size)
+        out = greedy_decode(model, ids[i:j, :p], k, reference=ids[i:j, p: p + k],
+                            stop_on_mismatch=stop_on_mismatch, suppress_ids=suppress_ids, backend=backend,
+                            parts=parts)
+        tokens[i:j] = out.tokens.cpu()
+        matched[i:j] = out.matched.cpu()
+        first[i:j] = out.first_mismatch.cpu()
+        bar.update(j - i)
+    bar.close()
+    return ExtractResult(tokens, matched, first, first == k, k, stop_on_mismatch)
+
+
+# --- model and input loading ------------------------------------------------------------------------------
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str | None = None,
+                   device_map: str | dict | None = None):
+    """A local Hugging Face causal LM folder (``trust_remote_code=False``), in eval mode.
+
+    ``device_map`` (e.g. ``"auto"``) shards the model with accelerate; results are then collected on the
+    head's device.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ScoringInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ScoringInputError(f"{path!r} is not a Hugging Face model folder (no config.json)")
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ScoringInputError(f"{path!r}: config.json is not a known model type "
+                                f"({_first_line(exc)})") from None
+    kw = {"device_map": device_map} if device_map is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
+                                                     trust_remote_code=False, dtype=dtype, **kw)
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise ScoringInputError(f"{path!r} is not a causal LM checkpoint: {_first_line(exc)}") from None
+    if device_map is None and device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(path: str, model=None):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ScoringInputError(f"cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None
+    if model is not None:
+        vocab = split_causal_lm(model).vocab_size
+        if len(tok) > vocab:
+            raise ScoringInputError(f"tokenizer {path!r} has {len(tok)} tokens but the model's vocabulary "
+                                    f"has {vocab}: they do not belong together")
+    return tok
+
+
+def _line_ids(obj, lineno: int, path: str, tokenizer) -> list[int]:
+    where = f"{path}:{lineno}"
+    if not isinstance(obj, dict) or not (("ids" in obj) ^ ("text" in obj)):
+        raise ScoringInputError(f"{where}: expected an object with exactly one of \"ids\" or \"text\"")
+    if "ids" in obj:
+        seq = obj["ids"]
+        if not isinstance(seq, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
+            raise ScoringInputError(f"{where}: \"ids\" must be a list of integers")
+        return seq
+    if not isinstance(obj["text"], str):
+        raise ScoringInputError(f"{where}: \"text\" must be a string")
+    if tokenizer is None:
+        raise ScoringInputError(f"{where}: a \"text\" line needs a tokenizer (--tokenizer DIR)")
+    # no BOS or other special tokens: the ids are the text's own tokens (SPEC 4.4)
+    return list(tokenizer(obj["text"], add_special_tokens=False)["input_ids"])
+
+
+def load_sequences(path: str, tokenizer=None) -> list[list[int]] | torch.Tensor:
+    """Token sequences from ``.jsonl`` (one ``{"ids": [...]}`` or ``{"text": "..."}`` per line; blank
+    lines skipped), ``.npy`` (an integer array ``[N, L]``) or ``.pt`` (an integer tensor ``[N, L]``, loaded
+    with ``weights_only=True``). Returns a tensor for array inputs, else a list of lists."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json"):
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ScoringInputError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                out.append(_line_ids(obj, lineno, path, tokenizer))
+        if not out:
+            raise ScoringInputError(f"{path}: empty input (no sequences)")
+        return out
+    if ext == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ScoringInputError(f"{path}: not a readable .npy array ({exc})") from None
+        if arr.dtype.kind not in "iu":
+            raise ScoringInputError(f"{path}: token ids must be an integer array, got dtype {arr.dtype}")
+        t = torch.from_numpy(arr.astype(np.int64))
+    elif ext == ".pt":
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types; all mean the same to the user
+            raise ScoringInputError(f"{path}: cannot load a tensor with weights_only=True "
+                                    f"({_first_line(exc)})") from None
+        if not isinstance(t, torch.Tensor):
+            raise ScoringInputError(f"{path}: expected a tensor of token ids, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ScoringInputError(f"{path}: token ids must be an integer tensor, got {t.dtype}")
+    else:
+        raise ScoringInputError(f"{path}: unknown input format {ext!r}; use .jsonl, .npy or .pt")
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.numel() == 0:
+        raise ScoringInputError(f"{path}: expected a non-empty [N, L] array of token ids, "
+                                f"got shape {tuple(t.shape)}")
+    return t.long()
+
+
+def to_matrix(seqs, need: int) -> torch.Tensor:
+    """Cut every sequence to its first ``need`` tokens and stack them into ``[N, need]``."""
+    if isinstance(seqs, torch.Tensor):
+        if seqs.shape[1] < need:
+            raise ScoringInputError(f"prefix_len + suffix_len = {need} is longer than the sequences "
+                                    f"({seqs.shape[1]} tokens)")
+        return seqs[:, :need]
+    if not seqs:
+        raise ScoringInputError("empty input (no sequences)")
+    for r, s in enumerate(seqs):
+        if len(s) < need:
+            raise ScoringInputError(f"sequence {r} has {len(s)} tokens, fewer than prefix_len + suffix_len = "
+                                    f"{need}")
+    return torch.tensor([s[:need] for s in seqs], dtype=torch.long)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def score_for_mode(model, ids: torch.Tensor, p: int, k: int, *, command: str, mode: str, batch_size: int,
+                   verify: bool | str, need_nll: bool, stop_on_mismatch: bool, backend: str | None,
+                   progress: bool) -> dict[str, torch.Tensor]:
+    """The per-example columns ``tinymem score``/``extract`` write, as ``[N]`` (or ``[N, k]``) tensors."""
+    cols: dict[str, torch.Tensor] = {}
+    if command == "extract":
+        e = extract(model, ids, p, k, batch_size=batch_size, stop_on_mismatch=stop_on_mismatch,
+                    backend=backend, progress=progress)
+        return {"exact": e.exact, "first_mismatch": e.first_mismatch, "matched": e.matched,
+                "fractional": e.fractional, "tokens": e.tokens}
+    if mode in ("exact", "both"):
+        s = score_exact(model, ids, p, k, batch_size=batch_size, verify=verify, need_nll=need_nll,
+                        backend=backend, progress=progress)
+        cols.update(exact=s.exact, first_mismatch=s.first_mismatch, matched_tf=s.matched,
+                    fractional_tf=s.fractional)
+        if need_nll:
+            cols["nll"] = s.mean_nll
+        if s.verified is not None:
+            cols["verified"] = s.verified
+            dis = torch.zeros(len(s), dtype=torch.bool)
+            dis[s.disagree] = True
+            cols["disagree"] = dis
+    if mode in ("fractional", "both"):
+        if mode == "both":
+            # an exactly memorized row decodes to its suffix: fractional 1 without decoding it
+            todo = (~cols["exact"]).nonzero().reshape(-1)
+            matched = torch.full((ids.shape[0],), k, dtype=torch.long)
+            if todo.numel():
+                e = extract(model, ids[todo], p, k, batch_size=batch_size, backend=backend, progress=progress)
+                matched[todo] = e.matched
+        else:
+            e = extract(model, ids, p, k, batch_size=batch_size, backend=backend, progress=progress)
+            matched = e.matched
+            cols.update(exact=e.exact, first_mismatch=e.first_mismatch)
+        cols["matched"] = matched
+        cols["fractional"] = matched.double().div(k).float()
+    return cols
+
+
+def run_command(args, command: str) -> dict | None:
+    """``tinymem score`` / ``tinymem extract`` (``args`` from :func:`tinymem_fast.cli.build_parser`); returns
+    the summary on rank 0 (None on the other ranks). Under ``torchrun`` the examples are split into
+    contiguous shards, one per rank, and rank 0 writes the gathered results. Bad input raises
+    :class:`ScoringInputError` (or ``FileNotFoundError``) before any scoring starts."""
+    from . import distributed as dist_
+
+    ctx = dist_.init_from_env(args.device)
+    try:
+        if args.prefix_len < 1 or args.suffix_len < 1:
+            raise ScoringInputError("--prefix-len and --suffix-len must be >= 1")
+        if args.batch_size < 1:
+            raise ScoringInputError("--batch-size must be >= 1")
+        model = load_causal_lm(args.model, args.dtype, device=None if args.device_map else ctx.device,
+                               device_map=args.device_map)
+        tokenizer = load_tokenizer(args.tokenizer, model) if args.tokenizer else None
+        try:
+            seqs = load_sequences(args.input, tokenizer)
+        except ScoringInputError as exc:
+            if tokenizer is None and "needs a tokenizer" in str(exc) and _has_tokenizer(args.model):
+                tokenizer = load_tokenizer(args.model, model)
+                seqs = load_sequences(args.input, tokenizer)
+            else:
+                raise
+        need = args.prefix_len + args.suffix_len
+        ids = to_matrix(seqs, need)
+        parts = split_causal_lm(model)
+        validate_ids(ids, parts, need)
+    except BaseException:
+        dist_.finish(ctx, barrier=False)
+        raise
+    n = ids.shape[0]
+    lo, hi = dist_.shard_bounds(n, ctx.rank, ctx.world_size)
+    t0 = time.perf_counter()
+    # a rank with an empty shard (more ranks than examples) scores one row and keeps none, so that its
+    # columns have the names and shapes the gather expects
+    mine = ids[lo:hi] if hi > lo else ids[:1]
+    cols = score_for_mode(model, mine, args.prefix_len, args.suffix_len, command=command,
+                          mode=getattr(args, "mode", "fractional"), batch_size=args.batch_size,
+                          verify=getattr(args, "verify", False), need_nll=getattr(args, "nll", False),
+                          stop_on_mismatch=getattr(args, "stop_on_mismatch", False), backend=args.backend,
+                          progress=not args.quiet and ctx.rank == 0)
+    if hi == lo:
+        cols = {c: v[:0] for c, v in cols.items()}
+    cols = dist_.gather_columns(cols, n, ctx)
+    dist_.sync_device(parts.head_device)
+    wall = time.perf_counter() - t0
+    summary = None
+    if ctx.rank == 0:
+        summary = _summary(cols, args, command, n, wall, parts, ctx)
+        _write_outputs(args.out, command, cols, summary)
+    dist_.finish(ctx)
+    return summary
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                 "vocab.json", "tokenizer.model"))
+
+
+def _summary(cols, args, command, n, wall, parts, ctx) -> dict:
+    s = {"command": command, "model": os.path.abspath(args.model), "input": os.path.abspath(args.input),
+         "n": n, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len, "dtype": args.dtype,
+         "batch_size": args.batch_size, "world_size": ctx.world_size,
+         "device": _device_name(parts.head_device), "seconds": wall,
+         "sequences_per_s": n / wall if wall > 0 else float("inf")}
+    if command == "score":
+        s["mode"] = args.mode
+    n_exact = int(cols["exact"].sum())
+    s.update(n_exact=n_exact, pct_exact=100.0 * n_exact / max(1, n))
+    if "fractional" in cols:
+        s["mean_fractional"] = float(cols["fractional"].double().mean())
+    if "fractional_tf" in cols:
+        s["mean_fractional_teacher_forced"] = float(cols["fractional_tf"].double().mean())
+    if "nll" in cols:
+        s["mean_nll"] = float(cols["nll"].double().mean())
+    if "verified" in cols:
+        s["n_verified"] = int(cols["verified"].sum())
+        s["n_disagree"] = int(cols["disagree"].sum())
+        s["disagree"] = cols["disagree"].nonzero().reshape(-1).tolist()
+    return s
+
+
+def _write_outputs(out: str, command: str, cols: dict, summary: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    names = list(cols)
+    lists = {c: cols[c].tolist() for c in names}
+
+    def rows(f):
+        for i in range(summary["n"]):
+            rec = {"index": i}
+            for c in names:
+                rec[c] = lists[c][i]
+            f.write(json.dumps(rec) + "\n")
+
+    _atomic_write(os.path.join(out, f"{command}.jsonl"), rows)
+    _atomic_write(os.path.join(out, "summary.json"), lambda f: json.dump(summary, f, indent=1))
