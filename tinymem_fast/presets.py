@@ -173,4 +173,5 @@ def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | N
             raise ValueError(str(exc.args[0]) if exc.args else f"unknown setting {k!r}") from None
     cfg.data.validate()
     cfg.model.validate()
+    cfg.train.validate()
     return cfg

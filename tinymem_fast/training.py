@@ -5,7 +5,8 @@ at step ``s`` replays exactly the batches an uninterrupted run would have seen; 
 optimizer state this makes a killed-and-restarted run end on the same weights.
 
 Regularizers plug in as hooks (:class:`TrainHook`): they may add to the loss or reweight sequences,
-without flags threaded through the loop.
+without flags threaded through the loop. ``TrainConfig.regularizer`` names one
+(:mod:`tinymem_fast.methods.regularizers`); its state is saved in every checkpoint, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -50,15 +51,47 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str = "cpu"
     compile: bool = False             # torch.compile the loss (pays off on GPUs, where steps are tiny)
+    # regularizers (SPEC 5.2): spectral_norm | loss_truncation | example_tied_dropout | None
+    regularizer: str | None = None
+    spectral_lambda: float = 0.01
+    spectral_power: int = 1
+    trunc_drop_frac: float = 0.4
+    trunc_buffer: int = 10000
+    trunc_min_count: int = 10000
+    etd_p_fixed: float = 0.2
+    etd_p_mem: float = 0.1
+    etd_per_row_ids: bool = False     # duplicate copies get their own masks (default: one per sequence)
+    reg_timing_steps: int = 8         # steps timed with and without the regularizer (its cost); 0 = skip
+
+    def validate(self) -> None:
+        if self.regularizer is not None:
+            from .methods.regularizers import check_config
+
+            check_config(self)
 
 
 class TrainHook:
-    """Extension point for regularizers: called around each step."""
+    """Extension point for regularizers: called around each step. ``row_ids`` are the batch's indices into
+    ``data.rows`` (duplicate copies share one), ``copy_ids`` number every copy separately."""
+
+    def begin_step(self, step: int, row_ids: torch.Tensor | None, copy_ids: torch.Tensor | None) -> None:
+        return None
 
     def per_sequence_weights(self, step: int, seq_loss: torch.Tensor) -> torch.Tensor | None:
         return None
 
     def extra_loss(self, model, step: int) -> torch.Tensor | None:
+        return None
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly (saved in each checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    def close(self) -> None:
+        """Detach from the model (module hooks)."""
         return None
 
 
@@ -86,10 +119,13 @@ def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool):
     return ce.sum(1) / n.clamp(min=1), n
 
 
-def epoch_order(copies: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(copies: torch.Tensor, seed: int, epoch: int, with_copy_ids: bool = False):
+    """Shuffled row indices of one epoch; with ``with_copy_ids`` also each entry's copy number (its place
+    in the unshuffled list of copies, the same every epoch)."""
     idx = torch.repeat_interleave(torch.arange(copies.numel()), copies)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return idx[torch.randperm(idx.numel(), generator=gen)]
+    perm = torch.randperm(idx.numel(), generator=gen)
+    return (idx[perm], perm) if with_copy_ids else idx[perm]
 
 
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
@@ -104,15 +140,15 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _save_checkpoint(out_dir: str, model, opt, step: int, epoch: int) -> str:
+def _save_checkpoint(out_dir: str, model, opt, step: int, epoch: int, hooks=()) -> str:
     ck = os.path.join(out_dir, "checkpoints")
     os.makedirs(ck, exist_ok=True)
     final = os.path.join(ck, f"step-{step:09d}")
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=ck)
     try:
         save_pretrained_quietly(model, tmp)
-        torch.save({"optimizer": opt.state_dict(), "step": step, "epoch": epoch},
-                   os.path.join(tmp, "trainer_state.pt"))
+        torch.save({"optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                    "hooks": [h.state_dict() for h in hooks]}, os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -122,7 +158,7 @@ def _save_checkpoint(out_dir: str, model, opt, step: int, epoch: int) -> str:
     return final
 
 
-def _load_checkpoint(path: str, model, opt) -> int:
+def _load_checkpoint(path: str, model, opt, hooks=()) -> int:
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(path, "model.safetensors"))
@@ -133,6 +169,12 @@ def _load_checkpoint(path: str, model, opt) -> int:
                          f"unexpected {unexpected})")
     ts = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     opt.load_state_dict(ts["optimizer"])
+    states = ts.get("hooks", [])
+    if hooks and len(states) != len(hooks):
+        raise ValueError(f"checkpoint {path} holds {len(states)} regularizer states, the run has "
+                         f"{len(hooks)}; resume with the same regularizer or start over (--no-resume)")
+    for h, st in zip(hooks, states, strict=False):
+        h.load_state_dict(st)
     return int(ts["step"])
 
 
@@ -165,8 +207,11 @@ class Trainer:
         loss_fn = lambda x, pad: token_loss(self.model, x, pad, cfg.loss_on_pad)  # noqa: E731
         self._loss = torch.compile(loss_fn) if cfg.compile else loss_fn
 
-    def step(self, x: torch.Tensor, pad: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def step(self, x: torch.Tensor, pad: torch.Tensor, step: int = 0, row_ids: torch.Tensor | None = None,
+             copy_ids: torch.Tensor | None = None) -> torch.Tensor:
         self.model.train()
+        for h in self.hooks:
+            h.begin_step(step, row_ids, copy_ids)
         if not self.cfg.loss_on_pad and not self.cfg.compile:
             # Right padding + causal attention: positions after the longest content never influence a
             # counted target, so dropping them changes nothing but the work done.
@@ -193,12 +238,21 @@ class Trainer:
 
 
 def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume: bool = True,
-          hooks: list[TrainHook] | None = None, progress: bool = True) -> dict:
+          hooks: list[TrainHook] | None = None, progress: bool = True, init_from: str | None = None) -> dict:
     """Train ``model`` on ``data``; returns the final evaluation. Checkpoints and ``metrics.jsonl`` go to
-    ``out_dir``; the final model to ``out_dir/final``."""
+    ``out_dir``; the final model to ``out_dir/final``. ``init_from``: a checkpoint whose weights and
+    optimizer state start the run when ``out_dir`` has none to resume (fine-tuning)."""
     os.makedirs(out_dir, exist_ok=True)
     device = torch.device(cfg.device)
     model.to(device).train()
+    own_hooks = []
+    cost = None
+    if cfg.regularizer:
+        from .methods.regularizers import make_regularizer, step_overhead
+
+        cost = step_overhead(model, data, cfg, out_dir, seed, steps=cfg.reg_timing_steps)
+        own_hooks = [make_regularizer(cfg.regularizer, model, cfg, seed)]
+    hooks = list(hooks or []) + own_hooks
     trainer = Trainer(model, cfg, hooks)
     opt = trainer.opt
     n_train = data.num_train
@@ -211,43 +265,58 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
     hist_path = os.path.join(out_dir, "metrics.jsonl")
     step = 0
     if resume and (cks := list_checkpoints(out_dir)):
-        step = _load_checkpoint(cks[-1][1], model, opt)
+        step = _load_checkpoint(cks[-1][1], model, opt, hooks)
         log.info("resumed from %s (step %d)", cks[-1][1], step)
         _truncate_history(hist_path, step)
-    elif os.path.exists(hist_path):
-        os.remove(hist_path)
+    else:
+        if os.path.exists(hist_path):
+            os.remove(hist_path)
+        if init_from:
+            _load_checkpoint(init_from, model, opt)  # the step counter restarts; AdamW's own counts go on
+            log.info("initialized from %s", init_from)
 
     def record(metrics: dict) -> None:
         with open(hist_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
-    order, order_epoch = None, -1
+    order, copy_ids, order_epoch = None, None, -1
     t0 = time.perf_counter()
+    eval_s = 0.0
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     last_eval: dict = {}
     while step < total:
         epoch, b = divmod(step, spe)
         if epoch != order_epoch:
-            order, order_epoch = epoch_order(data.copies, seed, epoch), epoch
-        idx = order[b * cfg.batch_size: (b + 1) * cfg.batch_size]
-        loss = trainer.step(data.rows[idx].to(device), data.pad[idx].to(device), step)
+            (order, copy_ids), order_epoch = epoch_order(data.copies, seed, epoch, with_copy_ids=True), epoch
+        sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+        idx = order[sl]
+        loss = trainer.step(data.rows[idx].to(device), data.pad[idx].to(device), step, idx, copy_ids[sl])
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{step / spe:.2f}")
         is_last = step == total
         if (eval_every and step % eval_every == 0) or is_last:
+            te = time.perf_counter()
             last_eval = {"step": step, "epoch": step / spe, "train_loss": loss.item(),
-                         "elapsed_s": time.perf_counter() - t0,
+                         "elapsed_s": te - t0, "train_s": te - t0 - eval_s,
                          **evaluate(model, data, cfg.eval_batch_size)}
+            eval_s += time.perf_counter() - te
+            last_eval["eval_s"] = eval_s
+            if cost:
+                last_eval["regularizer_cost"] = cost
             record(last_eval)
             bar.write(_summary(last_eval))
         if (ckpt_every and step % ckpt_every == 0) or is_last:
-            _save_checkpoint(out_dir, model, opt, step, epoch)
+            _save_checkpoint(out_dir, model, opt, step, epoch, hooks)
             _prune(out_dir, cfg.keep_checkpoints)
     bar.close()
     save_model(model, os.path.join(out_dir, "final"))
     if not last_eval:  # resumed at the very end
         last_eval = {"step": step, **evaluate(model, data, cfg.eval_batch_size)}
+        if cost:
+            last_eval["regularizer_cost"] = cost
+    for h in own_hooks:
+        h.close()
     return last_eval
 
 
