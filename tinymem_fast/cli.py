@@ -37,12 +37,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = apply_overrides(get_preset(args.preset), args.set, args.config)
-        if args.regularizer:
-            cfg.train.regularizer = args.regularizer
-            cfg.train.validate()
-        if args.results and not (cfg.train.regularizer and args.baseline):
-            raise ValueError("--results writes a regularizer's result row: it needs --regularizer and "
-                             "--baseline (an unregularized run of the same preset)")
     except (ValueError, FileNotFoundError) as exc:
         print(f"tinymem train: {exc}", file=sys.stderr)
         return 2
@@ -71,39 +65,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     keys = [k for k in ("avg_acc", "test/acc", "test/ppl_token", "mem", "avg_perc_mem", "asr") if k in result]
     print(f"done in {result['wall_s']:.0f} s: " + ", ".join(f"{k} {result[k]:.3f}" for k in keys))
     print(f"model: {os.path.join(out, 'final')}  metrics: {os.path.join(out, 'metrics.jsonl')}")
-    if cost := result.get("regularizer_cost"):
-        print(f"{cost['regularizer']}: {cost['step_ms_regularized']:.1f} ms/step vs "
-              f"{cost['step_ms_plain']:.1f} unregularized (x{cost['overhead_ratio']:.2f})")
-    if args.results:
-        from .experiments import append_row
-        from .methods.regularizers import regularizer_row
-
-        try:
-            row = regularizer_row(out, args.baseline)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"tinymem train: {exc}", file=sys.stderr)
-            return 2
-        append_row(row, args.results)
-        print(f"result row appended to {args.results}")
-    return 0
-
-
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    import logging
-
-    from .experiments import append_row
-    from .methods.finetune import FinetuneConfig, finetune
-
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        row = finetune(args.checkpoint, FinetuneConfig(data=args.data, epochs=args.epochs), args.out,
-                       device=args.device, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tinymem finetune: {exc}", file=sys.stderr)
-        return 2
-    append_row(row, args.out)
-    print(f"{row['method']}: {row['mem_metric']} {row['mem_before']:.2f}% -> {row['mem_after']:.2f}%, "
-          f"utility change {100 * row['d_util']:+.2f}%, {row['time_method_s']:.1f} s; results in {args.out}")
     return 0
 
 
@@ -178,6 +139,44 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .scoring import run_command
+
+    logging.basicConfig(level=logging.WARNING)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        s = run_command(args, args.command)
+    except (ValueError, FileNotFoundError) as exc:
+        if rank0:
+            print(f"tinymem {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if s is not None:
+        frac = f", mean fractional {s['mean_fractional']:.4f}" if "mean_fractional" in s else ""
+        print(f"{s['n_exact']}/{s['n']} exact ({s['pct_exact']:.2f}%){frac}; "
+              f"{s['sequences_per_s']:.1f} sequences/s on {s['device']}; results in {args.out}")
+    return 0
+
+
+def _add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
+    sp.add_argument("model", help="a local Hugging Face causal LM folder")
+    sp.add_argument("--input", required=True,
+                    help='token sequences: .jsonl ({"ids": [...]} or {"text": "..."} per line), '
+                         '.npy or .pt ([N, L] integers)')
+    sp.add_argument("--tokenizer", help="tokenizer folder for text lines (default: the model folder)")
+    sp.add_argument("--prefix-len", type=int, default=50, help="prompt tokens (default 50)")
+    sp.add_argument("--suffix-len", type=int, default=50, help="tokens to reproduce (default 50)")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    sp.add_argument("--device-map", help="shard the model with accelerate, e.g. auto")
+    sp.add_argument("--backend", choices=("torch", "cpp", "triton", "cuda"), help="kernel backend")
+    sp.add_argument("--out", default=out_default, help=f"output folder (default ./{out_default})")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinymem", description="Measure and remove memorization in LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,22 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     tr.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.add_argument("--regularizer", help="spectral_norm, loss_truncation or example_tied_dropout "
-                    "(hyperparameters: --set train.spectral_lambda=... etc.)")
-    tr.add_argument("--baseline", help="with --results: the unregularized run to compare against")
-    tr.add_argument("--results", help="append the regularizer's result row to this folder")
     tr.set_defaults(func=_cmd_train)
 
-    ft = sub.add_parser("finetune", help="Clean/Extra/Both fine-tuning of a trained run (resumes its AdamW)")
-    ft.add_argument("checkpoint", help="a `tinymem train` folder (its newest checkpoint) or one of its "
-                    "checkpoint folders")
-    ft.add_argument("--data", default="clean", choices=("clean", "extra", "both"),
-                    help="clean twins of the artifact rows, all non-artifact rows, or both")
-    ft.add_argument("--epochs", type=float, default=5)
-    ft.add_argument("--device")
-    ft.add_argument("--out", default="tinymem_results", help="result rows + the fine-tuning run folder")
-    ft.add_argument("--quiet", action="store_true")
-    ft.set_defaults(func=_cmd_finetune)
+    sc = sub.add_parser("score", help="per-example memorization of token sequences (torchrun for many ranks)")
+    _add_scoring_args(sc, "tinymem_scores")
+    sc.add_argument("--mode", choices=("exact", "fractional", "both"), default="exact",
+                    help="exact: one teacher-forced pass; fractional: greedy decoding, matched/k; both")
+    sc.add_argument("--verify", nargs="?", const="margin", default="none", choices=("none", "margin", "full"),
+                    help="re-decode near-tie rows (margin, the default when given) or all rows (full)")
+    sc.add_argument("--nll", action="store_true", help="also the mean NLL of each suffix")
+    sc.set_defaults(func=_cmd_score)
+
+    ex = sub.add_parser("extract", help="greedy-decode the suffix of each sequence from its prefix")
+    _add_scoring_args(ex, "tinymem_extract")
+    ex.add_argument("--stop-on-mismatch", action="store_true",
+                    help="stop decoding a row at its first wrong token (its later tokens are written as -1)")
+    ex.set_defaults(func=_cmd_score)
     return p
 
 

@@ -411,30 +411,40 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str 
     except (ValueError, KeyError, OSError) as exc:
         raise ScoringInputError(f"{path!r}: config.json is not a known model type "
                                 f"({_first_line(exc)})") from None
+    from transformers.utils import logging as hf_logging
+
     kw = {"device_map": device_map} if device_map is not None else {}
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our own
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
                                                      trust_remote_code=False, dtype=dtype, **kw)
-    except (ValueError, KeyError, OSError, TypeError) as exc:
+    except (ValueError, KeyError, OSError, TypeError, ImportError) as exc:
         raise ScoringInputError(f"{path!r} is not a causal LM checkpoint: {_first_line(exc)}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if device_map is None and device is not None:
         model = model.to(device)
     return model.eval()
 
 
-def load_tokenizer(path: str, model=None):
+def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ScoringInputError(f"cannot load a tokenizer from {path!r}: {_first_line(exc)}") from None
-    if model is not None:
-        vocab = split_causal_lm(model).vocab_size
-        if len(tok) > vocab:
-            raise ScoringInputError(f"tokenizer {path!r} has {len(tok)} tokens but the model's vocabulary "
-                                    f"has {vocab}: they do not belong together")
-    return tok
+
+
+def check_tokenizer(tokenizer, model, name: str = "the tokenizer") -> None:
+    """A tokenizer with more tokens than the model's vocabulary does not belong to it (a smaller one may:
+    checkpoints often pad their embedding matrix)."""
+    vocab = split_causal_lm(model).vocab_size
+    if len(tokenizer) > vocab:
+        raise ScoringInputError(f"tokenizer {name!r} has {len(tokenizer)} tokens but the model's vocabulary "
+                                f"has {vocab}: they do not belong together")
 
 
 def _line_ids(obj, lineno: int, path: str, tokenizer) -> list[int]:
@@ -595,19 +605,24 @@ def run_command(args, command: str) -> dict | None:
             raise ScoringInputError("--prefix-len and --suffix-len must be >= 1")
         if args.batch_size < 1:
             raise ScoringInputError("--batch-size must be >= 1")
-        model = load_causal_lm(args.model, args.dtype, device=None if args.device_map else ctx.device,
-                               device_map=args.device_map)
-        tokenizer = load_tokenizer(args.tokenizer, model) if args.tokenizer else None
+        # the input first: a malformed file is reported before a possibly large model is loaded
+        tok_dir = args.tokenizer
+        tokenizer = load_tokenizer(tok_dir) if tok_dir else None
         try:
             seqs = load_sequences(args.input, tokenizer)
         except ScoringInputError as exc:
             if tokenizer is None and "needs a tokenizer" in str(exc) and _has_tokenizer(args.model):
-                tokenizer = load_tokenizer(args.model, model)
+                tok_dir = args.model
+                tokenizer = load_tokenizer(tok_dir)
                 seqs = load_sequences(args.input, tokenizer)
             else:
                 raise
         need = args.prefix_len + args.suffix_len
         ids = to_matrix(seqs, need)
+        model = load_causal_lm(args.model, args.dtype, device=None if args.device_map else ctx.device,
+                               device_map=args.device_map)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, model, tok_dir)
         parts = split_causal_lm(model)
         validate_ids(ids, parts, need)
     except BaseException:
