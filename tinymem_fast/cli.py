@@ -37,6 +37,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = apply_overrides(get_preset(args.preset), args.set, args.config)
+        if args.regularizer:
+            cfg.train.regularizer = args.regularizer
+            cfg.train.validate()
+        if args.results and not (cfg.train.regularizer and args.baseline):
+            raise ValueError("--results writes a regularizer's result row: it needs --regularizer and "
+                             "--baseline (an unregularized run of the same preset)")
     except (ValueError, FileNotFoundError) as exc:
         print(f"tinymem train: {exc}", file=sys.stderr)
         return 2
@@ -65,6 +71,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     keys = [k for k in ("avg_acc", "test/acc", "test/ppl_token", "mem", "avg_perc_mem", "asr") if k in result]
     print(f"done in {result['wall_s']:.0f} s: " + ", ".join(f"{k} {result[k]:.3f}" for k in keys))
     print(f"model: {os.path.join(out, 'final')}  metrics: {os.path.join(out, 'metrics.jsonl')}")
+    if cost := result.get("regularizer_cost"):
+        print(f"{cost['regularizer']}: {cost['step_ms_regularized']:.1f} ms/step vs "
+              f"{cost['step_ms_plain']:.1f} unregularized (x{cost['overhead_ratio']:.2f})")
+    if args.results:
+        from .experiments import append_row
+        from .methods.regularizers import regularizer_row
+
+        try:
+            row = regularizer_row(out, args.baseline)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"tinymem train: {exc}", file=sys.stderr)
+            return 2
+        append_row(row, args.results)
+        print(f"result row appended to {args.results}")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import logging
+
+    from .experiments import append_row
+    from .methods.finetune import FinetuneConfig, finetune
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        row = finetune(args.checkpoint, FinetuneConfig(data=args.data, epochs=args.epochs), args.out,
+                       device=args.device, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tinymem finetune: {exc}", file=sys.stderr)
+        return 2
+    append_row(row, args.out)
+    print(f"{row['method']}: {row['mem_metric']} {row['mem_before']:.2f}% -> {row['mem_after']:.2f}%, "
+          f"utility change {100 * row['d_util']:+.2f}%, {row['time_method_s']:.1f} s; results in {args.out}")
     return 0
 
 
@@ -219,7 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     tr.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--regularizer", help="spectral_norm, loss_truncation or example_tied_dropout "
+                    "(hyperparameters: --set train.spectral_lambda=... etc.)")
+    tr.add_argument("--baseline", help="with --results: the unregularized run to compare against")
+    tr.add_argument("--results", help="append the regularizer's result row to this folder")
     tr.set_defaults(func=_cmd_train)
+
+    ft = sub.add_parser("finetune", help="Clean/Extra/Both fine-tuning of a trained run (resumes its AdamW)")
+    ft.add_argument("checkpoint", help="a `tinymem train` folder (its newest checkpoint) or one of its "
+                    "checkpoint folders")
+    ft.add_argument("--data", default="clean", choices=("clean", "extra", "both"),
+                    help="clean twins of the artifact rows, all non-artifact rows, or both")
+    ft.add_argument("--epochs", type=float, default=5)
+    ft.add_argument("--device")
+    ft.add_argument("--out", default="tinymem_results", help="result rows + the fine-tuning run folder")
+    ft.add_argument("--quiet", action="store_true")
+    ft.set_defaults(func=_cmd_finetune)
 
     sc = sub.add_parser("score", help="per-example memorization of token sequences (torchrun for many ranks)")
     _add_scoring_args(sc, "tinymem_scores")
