@@ -46,8 +46,14 @@ def register(name: str, config_cls: type, category: str, aliases: tuple = ()):
 
 
 def _load_all() -> None:
-    from .neuron import activations, slimming, zero_out  # noqa: F401  (registers on import)
-    from .weight import durable, subnet  # noqa: F401
+    from .neuron import (  # noqa: F401  (registers on import)
+        activations,
+        hard_concrete,
+        integrated_gradients,
+        slimming,
+        zero_out,
+    )
+    from .weight import durable, greedy, second_order, subnet  # noqa: F401
 
 
 def method_names() -> list[str]:
@@ -68,10 +74,10 @@ def get_method(name: str) -> Method:
 def make_config(method: Method, overrides: dict | None = None):
     cfg = method.config_cls()
     valid = {f.name: f for f in dataclasses.fields(cfg)}
-    for k, v in (overrides or {}).items():
+    for k in overrides or {}:
         if k not in valid:
             raise ValueError(f"{method.name} has no setting {k!r}; valid: {', '.join(sorted(valid))}")
-        setattr(cfg, k, v)
+    cfg = dataclasses.replace(cfg, **(overrides or {}))  # re-runs the config's own validation
     if hasattr(cfg, "ratio"):
         from ..ops.masked_subnet import check_ratio
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 N_LAYERS = (2, 4, 8, 16)
+ARCHS = ("gpt2", "gpt_neox", "llama")
 
 
 @dataclass
@@ -20,8 +21,11 @@ class ModelConfig:
     n_head: int = 4
     d_mlp: int = 512
     activation: str = "relu"
+    arch: str = "gpt2"   # gpt2 (TinyMem, the paper's), or gpt_neox / llama of the same sizes
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown model arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.n_layer < 1 or self.d_model < 1 or self.d_mlp < 1:
             raise ValueError("n_layer, d_model and d_mlp must be positive")
         if self.d_model % self.n_head:
@@ -42,11 +46,29 @@ def gpt2_config(mc: ModelConfig, vocab_size: int, max_ctx: int, bos_id: int | No
     )
 
 
+def other_config(mc: ModelConfig, vocab_size: int, max_ctx: int, bos_id: int | None = None,
+                 eos_id: int | None = None, pad_id: int | None = None):
+    """GPTNeoX or Llama-style config with TinyMem's sizes (so methods can be compared across families)."""
+    from transformers import GPTNeoXConfig, LlamaConfig
+
+    mc.validate()
+    common = dict(vocab_size=vocab_size, hidden_size=mc.d_model, num_hidden_layers=mc.n_layer,
+                  num_attention_heads=mc.n_head, intermediate_size=mc.d_mlp, hidden_act=mc.activation,
+                  max_position_embeddings=max_ctx, initializer_range=0.8 / math.sqrt(mc.d_model),
+                  tie_word_embeddings=False, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    if mc.arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_dropout=0.0, attention_dropout=0.0, **common)
+    return LlamaConfig(num_key_value_heads=mc.n_head, attention_dropout=0.0, **common)
+
+
 def build_model(mc: ModelConfig, vocab_size: int, max_ctx: int, seed: int = 0, **ids):
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(gpt2_config(mc, vocab_size, max_ctx, **ids))
+    if mc.arch == "gpt2":
+        model = GPT2LMHeadModel(gpt2_config(mc, vocab_size, max_ctx, **ids))
+    else:
+        model = AutoModelForCausalLM.from_config(other_config(mc, vocab_size, max_ctx, **ids))
     return model.float().eval()
 
 

@@ -1,0 +1,134 @@
+"""Hard Concrete: learn an L0-regularised stochastic gate per MLP neuron on the frozen model; the neurons
+whose gates stay open while the forget set is still fitted carry the memorized data and are ablated.
+
+Each neuron of each layer gets a log-alpha, initialised at ``logit(hc_init_p)`` plus N(0, 0.01^2) noise.
+A training forward samples ``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)`` and
+multiplies the activation by the stretched, clipped gate ``z = clamp(s * (r - l) + l, 0, 1)``. The loss is
+``L_F + l0_lambda * mean sigmoid(log_alpha - beta * log(-l / r))`` (the expected fraction of open gates),
+minimised with Adam on log-alpha only. Gradients are zeroed every step (the reference zeroed them once
+per epoch, so they accumulated across batches); training stops once the penalty term falls below
+``stop_loss``. Attribution = ``sigmoid(log_alpha)``; the top ``floor(ratio * I)`` per layer are ablated.
+``hc_init_p`` is honoured (the reference ignored its ``mask_p``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ...models.adapters import mlp_layers
+from ...ops.masked_subnet import check_ratio
+from ...training import token_loss
+from ..registry import UnlearnInputs, register
+from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
+
+
+@dataclass
+class HardConcreteConfig:
+    ratio: float = 0.01
+    epochs: int = 1
+    lr: float = 0.1
+    l0_lambda: float = 1000.0
+    stop_loss: float = 0.1
+    hc_beta: float = 2.0 / 3.0
+    hc_l: float = -0.1
+    hc_r: float = 1.1
+    hc_init_p: float = 0.5
+    batch_size: int = 32
+    loss_on_pad: bool = False
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.hc_init_p < 1.0:
+            raise ValueError(f"hc_init_p must be in (0, 1), got {self.hc_init_p}")
+        if not (self.hc_l < 0.0 < 1.0 < self.hc_r):
+            raise ValueError(f"need hc_l < 0 and hc_r > 1 (the stretch interval), "
+                             f"got ({self.hc_l}, {self.hc_r})")
+        if self.hc_beta <= 0:
+            raise ValueError(f"hc_beta must be > 0, got {self.hc_beta}")
+
+
+def sample_gate(log_alpha: torch.Tensor, cfg: HardConcreteConfig, gen: torch.Generator) -> torch.Tensor:
+    """One stretched, clipped Hard Concrete sample per gate (differentiable in ``log_alpha``)."""
+    u = torch.rand(log_alpha.shape, generator=gen, device=gen.device).to(log_alpha.device)
+    u = u.clamp(1e-6, 1 - 1e-6)  # log(0) would make the sample NaN
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / cfg.hc_beta)
+    return (s * (cfg.hc_r - cfg.hc_l) + cfg.hc_l).clamp(0.0, 1.0)
+
+
+def deterministic_gate(log_alpha: torch.Tensor, cfg: HardConcreteConfig) -> torch.Tensor:
+    return (torch.sigmoid(log_alpha) * (cfg.hc_r - cfg.hc_l) + cfg.hc_l).clamp(0.0, 1.0)
+
+
+def l0_penalty(log_alpha: torch.Tensor, cfg: HardConcreteConfig) -> torch.Tensor:
+    """Expected fraction of non-zero gates."""
+    return torch.sigmoid(log_alpha - cfg.hc_beta * math.log(-cfg.hc_l / cfg.hc_r)).mean()
+
+
+def hard_concrete_gates(model, inputs: UnlearnInputs, cfg: HardConcreteConfig) -> tuple[torch.Tensor, int]:
+    """Train the gates; returns (sigmoid(log_alpha) ``[n_layer, I]`` on CPU, optimizer steps taken)."""
+    if cfg.batch_size < 1 or cfg.epochs < 1:
+        raise ValueError("batch_size and epochs must be >= 1")
+    device = next(model.parameters()).device
+    layers = mlp_layers(model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    init = math.log(cfg.hc_init_p / (1 - cfg.hc_init_p))
+    log_alpha = (init + 0.01 * torch.randn(len(layers), layers[0].intermediate_size, generator=gen))
+    log_alpha = log_alpha.to(device).requires_grad_(True)
+    opt = torch.optim.Adam([log_alpha], lr=cfg.lr)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gate = {}
+
+    def scale(index, act):
+        return act * gate["z"][index].to(act.dtype)
+
+    n = inputs.forget_ids.shape[0]
+    steps = 0
+    try:
+        with mlp_activation_hook(model, scale):
+            bar = tqdm(total=cfg.epochs * math.ceil(n / cfg.batch_size), desc="hard concrete",
+                       disable=not cfg.progress)
+            for _ in range(cfg.epochs):
+                stop = False
+                for lo in range(0, n, cfg.batch_size):
+                    x = inputs.forget_ids[lo: lo + cfg.batch_size].to(device)
+                    pad = inputs.forget_pad[lo: lo + cfg.batch_size].to(device)
+                    gate["z"] = sample_gate(log_alpha, cfg, gen)
+                    penalty = l0_penalty(log_alpha, cfg)
+                    loss = token_loss(model, x, pad, cfg.loss_on_pad)[0].mean() + cfg.l0_lambda * penalty
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    bar.update()
+                    if penalty.item() < cfg.stop_loss:
+                        stop = True
+                        break
+                if stop:  # ends training, not just the epoch's batch loop
+                    break
+            bar.close()
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    return torch.sigmoid(log_alpha.detach()).cpu(), steps
+
+
+@register("hard_concrete", HardConcreteConfig, "neuron", aliases=("hc",))
+def run_hard_concrete(model, inputs: UnlearnInputs, cfg: HardConcreteConfig) -> dict:
+    check_ratio(cfg.ratio)
+    t0 = time.perf_counter()
+    was = model.training
+    model.eval()
+    try:
+        attribution, steps = hard_concrete_gates(model, inputs, cfg)
+    finally:
+        model.train(was)
+    count = ablate_neurons(model, top_neurons(attribution, cfg.ratio))
+    return {"time_edit_s": time.perf_counter() - t0, "ablated": count, "steps": steps}
