@@ -10,7 +10,7 @@ import torch
 
 from .harness import save
 
-SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick"]
+SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick", "scoring"]
 
 
 def main(argv=None) -> int:
