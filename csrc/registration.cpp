@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/masked_subnet.h"
+#include "cpu/memscore.h"
 
 TORCH_LIBRARY(tinymem, m) {
   // Masked subnet (see tinymem_fast/ops/masked_subnet.py for the semantics).
@@ -13,6 +14,11 @@ TORCH_LIBRARY(tinymem, m) {
   m.def("subnet_ste_grad(Tensor grad, Tensor weight, Tensor scores) -> Tensor");
   m.def("subnet_sgd_step_(Tensor(a!) scores, Tensor grad, Tensor(b!) momentum_buffer, float lr, "
         "float momentum, float weight_decay, bool maximize) -> ()");
+  // Memorization scoring (tinymem_fast/ops/memscore.py): hidden [M, d], weight [V, d], bias [V]?, targets [M]
+  // int64 -> match bool [M], nll float32 [M] (zeros unless need_nll); chunk_size 0 = the backend's default.
+  m.def("memscore(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, bool need_nll, bool early_exit, "
+        "int chunk_size) -> (Tensor match, Tensor nll)");
+  m.def("lm_head_argmax(Tensor hidden, Tensor weight, Tensor? bias, int chunk_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
@@ -20,6 +26,8 @@ TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
   m.impl("subnet_masked_weight", &tinymem::cpu::subnet_masked_weight);
   m.impl("subnet_ste_grad", &tinymem::cpu::subnet_ste_grad);
   m.impl("subnet_sgd_step_", &tinymem::cpu::subnet_sgd_step_);
+  m.impl("memscore", &tinymem::cpu::memscore);
+  m.impl("lm_head_argmax", &tinymem::cpu::lm_head_argmax);
 }
 
 namespace {

@@ -1,0 +1,313 @@
+"""memscore ops on the CPU: the torch reference against the naive full-logits oracle, the cpp backend
+(every instruction-set variant this CPU has) against the reference, reductions, ties, early exit,
+lm_head_argmax and input validation. (Triton: test_memscore_triton.py; CUDA: test_memscore_cuda.py.)"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import backend_or_skip
+from memscore_checks import (
+    assert_argmax_close,
+    assert_half_nll_rule,
+    assert_match_close,
+    assert_nll_close,
+    naive_logits,
+    naive_scores,
+    oracle_examples,
+    quantised_problem,
+    random_problem,
+)
+
+from tinymem_fast.ops.memscore import (
+    ExampleScores,
+    TokenScores,
+    lm_head_argmax,
+    memscore,
+    memscore_examples,
+    reduce_scores,
+)
+
+# (M tokens, d, V): odd everything, V below one SIMD vector (TinyMem math has V=14), V across many tiles
+SHAPES = [(1, 37, 13), (7, 16, 14), (37, 37, 1000), (130, 64, 777)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CHUNKS = [None, 7, 333]
+
+
+def _isa(name, monkeypatch):
+    """Force one instruction-set variant of the cpp kernels (None = the best this CPU has)."""
+    if name is None:
+        monkeypatch.delenv("TINYMEM_CPU_ISA", raising=False)
+        return
+    monkeypatch.setenv("TINYMEM_CPU_ISA", name)
+    h = torch.zeros(1, 1, 4)
+    try:
+        memscore(h, torch.zeros(3, 4), torch.zeros(1, 1, dtype=torch.long), backend="cpp")
+    except RuntimeError as exc:
+        if "does not support" in str(exc):
+            pytest.skip(f"this CPU has no {name}")
+        raise
+
+
+def _flat_scores(h, w, b, y, backend, chunk=None, need_nll=True):
+    s = memscore(h[None], w, y[None], bias=b, need_nll=need_nll, chunk_size=chunk, backend=backend)
+    return s.match[0], s.nll[0]
+
+
+# --- the torch reference ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_matches_naive(shape, dtype, bias):
+    m, d, v = shape
+    h, w, b, y = random_problem(m, d, v, dtype, bias=bias, seed=m + v)
+    arg, match, nll = naive_scores(h, w, b, y)
+    lg = naive_logits(h, w, b)
+    for chunk in CHUNKS:
+        got_match, got_nll = _flat_scores(h, w, b, y, "torch", chunk)
+        # same rounded logits, only the matmul's blocking differs: near-ties aside, identical
+        assert_match_close(got_match, match, lg, y, dtype)
+        assert_nll_close(got_nll, nll, torch.float32)
+        assert_argmax_close(lm_head_argmax(h, w, bias=b, chunk_size=chunk, backend="torch"), arg, lg, dtype)
+    if m > 1:
+        assert bool(match.any()) and not bool(match.all())  # the test sees hits and misses
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_nll_error_rule(dtype):
+    h, w, b, y = random_problem(64, 48, 500, dtype, bias=True, seed=5)
+    for backend in ("torch", backend_or_skip("cpp")):
+        assert_half_nll_rule(_flat_scores(h, w, b, y, backend)[1], h, w, b, y)
+
+
+# --- cpp against the reference -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isa", [None, "avx2", "generic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpp_matches_reference(shape, dtype, isa, monkeypatch):
+    backend_or_skip("cpp")
+    _isa(isa, monkeypatch)
+    m, d, v = shape
+    for bias in (True, False):
+        h, w, b, y = random_problem(m, d, v, dtype, bias=bias, seed=3 * m + v)
+        lg = naive_logits(h, w, b)
+        ref_match, ref_nll = _flat_scores(h, w, b, y, "torch")
+        ref_arg = lm_head_argmax(h, w, bias=b, backend="torch")
+        for chunk in CHUNKS:
+            match, nll = _flat_scores(h, w, b, y, "cpp", chunk)
+            assert_match_close(match, ref_match, lg, y, dtype)
+            assert_nll_close(nll, ref_nll, dtype)
+            no_nll_match, zeros = _flat_scores(h, w, b, y, "cpp", chunk, need_nll=False)
+            assert torch.equal(no_nll_match, match) and not zeros.any()
+            arg = lm_head_argmax(h, w, bias=b, chunk_size=chunk, backend="cpp")
+            assert arg.dtype == torch.int64 and arg.shape == (m,)
+            assert_argmax_close(arg, ref_arg, lg, dtype)
+            assert torch.equal(arg == y, match)  # one argmax, whichever op asks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_full_gpt2_vocab(dtype):
+    """V = 50257 (GPT-2), few tokens: many vocab tiles, and the vocab split across threads."""
+    h, w, b, y = random_problem(6, 64, 50257, dtype, bias=False, seed=11)
+    arg, match, nll = naive_scores(h, w, b, y)
+    lg = naive_logits(h, w, b)
+    for backend in ("torch", backend_or_skip("cpp")):
+        got_match, got_nll = _flat_scores(h, w, b, y, backend)
+        assert_match_close(got_match, match, lg, y, dtype)
+        assert_nll_close(got_nll, nll, dtype)
+        assert_argmax_close(lm_head_argmax(h, w, backend=backend), arg, lg, dtype)
+
+
+# --- exact cases: ties, early exit -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v,chunk", [(13, 4), (200, 32), (1000, 333)])
+def test_forced_ties_lowest_index_wins(backend, dtype, v, chunk):
+    backend_or_skip(backend)
+    h, w, b, y = quantised_problem(24, 16, v, dtype, bias=True, seed=v, chunk=chunk)
+    arg, match, nll = naive_scores(h, w, b, y)
+    n_tied_miss = int(((naive_logits(h, w, b).gather(1, y[:, None]).squeeze(1)
+                        == naive_logits(h, w, b).max(1).values) & ~match).sum())
+    assert n_tied_miss > 0, "the problem must contain targets that tie the maximum at a higher index"
+    for c in (None, chunk):
+        got_match, got_nll = _flat_scores(h, w, b, y, backend, c)
+        assert torch.equal(got_match, match)  # exact logits: no tolerance
+        torch.testing.assert_close(got_nll, nll, atol=1e-5, rtol=1e-5)
+        assert torch.equal(lm_head_argmax(h, w, bias=b, chunk_size=c, backend=backend), arg)
+        ex = memscore_examples(h[None], w, y[None], bias=b, need_nll=False, early_exit=True, chunk_size=c,
+                               backend=backend)
+        assert int(ex.matched[0]) == int(match.sum())
+
+
+@pytest.mark.parametrize("isa", [None, "avx2", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_early_exit_equals_full(dtype, isa, monkeypatch):
+    backend_or_skip("cpp")
+    _isa(isa, monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    bsz, seq = 5, 9
+    cases = [random_problem(bsz * seq, 40, 2000, dtype, bias=True, seed=8, hit_frac=0.8),
+             quantised_problem(bsz * seq, 16, 2000, dtype, bias=True, seed=9, chunk=64)]
+    for h, w, b, y in cases:
+        h, y = h.view(bsz, seq, -1), y.view(bsz, seq)
+        mask = torch.rand(bsz, seq, generator=g) < 0.8
+        mask[0] = True  # one fully scored row, which is mostly hits
+        for chunk in (None, 64, 257):
+            full = memscore_examples(h, w, y, bias=b, mask=mask, need_nll=False, chunk_size=chunk,
+                                     backend="cpp")
+            pruned = memscore_examples(h, w, y, bias=b, mask=mask, need_nll=False, early_exit=True,
+                                       chunk_size=chunk, backend="cpp")
+            for f in ("exact", "first_mismatch", "matched"):
+                assert torch.equal(getattr(pruned, f), getattr(full, f)), f
+            assert torch.isnan(pruned.mean_nll).all()
+        assert not bool(full.exact.all()) and int(full.matched.sum()) > 0  # both hits and misses
+
+
+def test_results_do_not_depend_on_batch():
+    """A row's scores are the same alone and inside a batch (the match bits bit for bit)."""
+    backend_or_skip("cpp")
+    h, w, b, y = random_problem(300, 32, 3000, torch.float32, bias=True, seed=21)
+    match, nll = _flat_scores(h, w, b, y, "cpp")
+    arg = lm_head_argmax(h, w, bias=b, backend="cpp")
+    for lo, hi in ((0, 1), (17, 30), (100, 300)):
+        m2, n2 = _flat_scores(h[lo:hi], w, b, y[lo:hi], "cpp")
+        assert torch.equal(m2, match[lo:hi])
+        assert torch.equal(lm_head_argmax(h[lo:hi], w, bias=b, backend="cpp"), arg[lo:hi])
+        torch.testing.assert_close(n2, nll[lo:hi], atol=1e-5, rtol=1e-6)
+
+
+def test_thread_count_does_not_change_results():
+    backend_or_skip("cpp")
+    h, w, b, y = random_problem(40, 32, 3000, torch.float16, bias=True, seed=2)
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests'); torch.set_num_threads({n});"
+        "from memscore_checks import random_problem;"
+        "from tinymem_fast.ops.memscore import memscore, lm_head_argmax;"
+        "h, w, b, y = random_problem(40, 32, 3000, torch.float16, bias=True, seed=2);"
+        "s = memscore(h[None], w, y[None], bias=b, backend='cpp');"
+        "print(''.join('1' if x else '0' for x in s.match[0].tolist()));"
+        "print(lm_head_argmax(h, w, bias=b, backend='cpp').tolist())"
+    )
+    outs = [subprocess.run([sys.executable, "-c", code.format(n=n)], capture_output=True, text=True,
+                           check=True).stdout for n in (1, 2)]
+    assert outs[0] == outs[1]
+    assert outs[0].splitlines()[1] == str(lm_head_argmax(h, w, bias=b, backend="cpp").tolist())
+
+
+# --- masks and reductions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_mask_and_reductions(backend):
+    backend_or_skip(backend)
+    bsz, seq, d, v = 4, 11, 24, 300
+    h, w, b, y = random_problem(bsz * seq, d, v, torch.float32, bias=True, seed=13, hit_frac=0.7)
+    h, y = h.view(bsz, seq, d), y.view(bsz, seq)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(bsz, seq, generator=g) < 0.6
+    mask[1] = False  # a row with nothing scored
+    mask[2, 3:] = True
+    y = torch.where(mask, y, torch.full_like(y, -100))  # padding ids outside [0, V) are never looked at
+    s = memscore(h, w, y, bias=b, mask=mask, backend=backend)
+    assert isinstance(s, TokenScores) and s.match.shape == (bsz, seq) and s.nll.dtype == torch.float32
+    assert not s.match[~mask].any() and not s.nll[~mask].any()
+    full = memscore(h, w, torch.where(mask, y, 0), bias=b, backend=backend)
+    assert torch.equal(s.match[mask], full.match[mask])
+    torch.testing.assert_close(s.nll[mask], full.nll[mask])
+
+    ex = memscore_examples(h, w, y, bias=b, mask=mask, backend=backend)
+    assert isinstance(ex, ExampleScores)
+    exact, first, matched, mean = oracle_examples(s.match, s.nll, mask)
+    assert torch.equal(ex.exact, exact) and torch.equal(ex.first_mismatch, first)
+    assert torch.equal(ex.matched, matched)
+    torch.testing.assert_close(ex.mean_nll, mean, equal_nan=True)
+    assert bool(ex.exact[1]) and int(ex.first_mismatch[1]) == 0 and math.isnan(float(ex.mean_nll[1]))
+    assert ex.first_mismatch.dtype == torch.int64 and ex.matched.dtype == torch.int64
+
+    no_nll = memscore_examples(h, w, y, bias=b, mask=mask, need_nll=False, backend=backend)
+    assert torch.isnan(no_nll.mean_nll).all() and torch.equal(no_nll.matched, ex.matched)
+
+
+def test_reduce_scores_counts_within_scored_positions():
+    match = torch.tensor([[True, False, True, False], [True, True, True, True]])
+    nll = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
+    mask = torch.tensor([[False, True, True, True], [True, True, False, False]])
+    ex = reduce_scores(TokenScores(match, nll), mask)
+    assert ex.exact.tolist() == [False, True]
+    assert ex.first_mismatch.tolist() == [0, 2]  # the miss at column 1 is the first scored position
+    assert ex.matched.tolist() == [1, 2]
+    torch.testing.assert_close(ex.mean_nll, torch.tensor([3.0, 0.5]))
+    ex_all = reduce_scores(TokenScores(match, nll))
+    assert ex_all.first_mismatch.tolist() == [1, 4] and ex_all.matched.tolist() == [2, 4]
+
+
+def test_dispatch_defaults_to_cpp_on_cpu():
+    backend_or_skip("cpp")
+    from tinymem_fast.ops import OP_FAMILIES, registry
+
+    assert "memscore" in OP_FAMILIES
+    assert registry.select("memscore", "cpu") == "cpp"
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _ok():
+    return torch.randn(2, 3, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_bad_inputs_raise(backend):
+    backend_or_skip(backend)
+    h, w, y = _ok()
+    cases = [
+        (ValueError, "hidden must be", lambda: memscore(h[0], w, y, backend=backend)),
+        (ValueError, "weight", lambda: memscore(h, w[None], y, backend=backend)),
+        (ValueError, "d=8", lambda: memscore(h, torch.randn(10, 9), y, backend=backend)),
+        (TypeError, "cast them", lambda: memscore(h, w.half(), y, backend=backend)),
+        (TypeError, "float32, float16 or bfloat16", lambda: memscore(h.double(), w.double(), y,
+                                                                     backend=backend)),
+        (ValueError, "bias must be", lambda: memscore(h, w, y, bias=torch.randn(9), backend=backend)),
+        (TypeError, "bias is", lambda: memscore(h, w, y, bias=torch.randn(10).half(), backend=backend)),
+        (ValueError, "targets must be", lambda: memscore(h, w, y[:, :2], backend=backend)),
+        (TypeError, "integer token ids", lambda: memscore(h, w, y.float(), backend=backend)),
+        (ValueError, "id 10 at position", lambda: memscore(h, w, torch.full((2, 3), 10), backend=backend)),
+        (ValueError, "id -1 at position", lambda: memscore(h, w, torch.full((2, 3), -1), backend=backend)),
+        (TypeError, "mask must be bool", lambda: memscore(h, w, y, mask=torch.ones(2, 3), backend=backend)),
+        (ValueError, "mask must be", lambda: memscore(h, w, y, mask=torch.ones(2, 2, dtype=torch.bool),
+                                                      backend=backend)),
+        (ValueError, "empty input", lambda: memscore(h[:, :0], w, y[:, :0], backend=backend)),
+        (ValueError, "empty input", lambda: memscore(h, w[:0], y, backend=backend)),
+        (ValueError, "chunk_size", lambda: memscore(h, w, y, chunk_size=0, backend=backend)),
+        (ValueError, "early_exit", lambda: memscore_examples(h, w, y, early_exit=True, backend=backend)),
+        (ValueError, "hidden must be", lambda: lm_head_argmax(h, w, backend=backend)),
+    ]
+    for exc, msg, fn in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_masked_out_bad_targets_are_ignored():
+    h, w, y = _ok()
+    y[0, 1] = 99
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 1] = False
+    memscore(h, w, y, mask=mask)  # fine: the bad id is never scored
+    with pytest.raises(ValueError, match="id 99 at position \\[0, 1\\]"):
+        memscore(h, w, y)
+
+
+def test_cpp_op_checks_targets_itself():
+    """The compiled op is public (torch.ops.tinymem.memscore): it must not read out of bounds either."""
+    backend_or_skip("cpp")
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="id 12 at row 2"):
+        torch.ops.tinymem.memscore(h, w, None, torch.tensor([0, 1, 12, 3]), True, False, 0)
