@@ -10,7 +10,8 @@ import torch
 
 from .harness import save
 
-SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick", "scoring"]
+SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick", "scoring",
+          "regularizers"]
 
 
 def main(argv=None) -> int:
