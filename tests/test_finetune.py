@@ -130,42 +130,52 @@ SETS = [f"data.{k}={v}" for k, v in MATH.items() if k != "kind"] + \
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tinymem_fast", *args], capture_output=True, text=True,
-                          timeout=600, env=ENV)
+    """The CLI's own parser and handlers, in-process (no interpreter start-up per call)."""
+    from tinymem_fast.cli import main
+
+    return main(list(args))
 
 
-def test_cli_finetune_all_three(tmp_path):
-    run = tmp_path / "run"
-    r = _cli("train", "--preset", "quick", "--quiet", "--out", str(run),
-             *[a for s in SETS for a in ("--set", s)])
-    assert r.returncode == 0, r.stderr[-2000:]
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ft") / "run"
+    assert _cli("train", "--preset", "quick", "--quiet", "--out", str(run),
+                *[a for s in SETS for a in ("--set", s)]) == 0
+    return run
+
+
+# unique training rows: 300 - 40 main (20 of them noised) + 4 x (80 - 40) auxiliary = 420
+N_ROWS = {"clean": 20, "extra": 400, "both": 420}
+
+
+@pytest.mark.parametrize("which", ["clean", "extra", "both"])
+def test_cli_finetune(trained, tmp_path, which):
     res = tmp_path / "res"
-    for which in ("clean", "extra", "both"):
-        r = _cli("finetune", str(run), "--data", which, "--epochs", "2", "--out", str(res), "--quiet")
-        assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(x) for x in (res / "results.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in rows] == ["clean_ft", "extra_ft", "both_ft"]
-    # unique training rows: 300 - 40 main (20 of them noised) + 4 x (80 - 40) auxiliary = 420
-    n_train = {"clean": 20, "extra": 400, "both": 420}
-    spe = {which: -(-n // 32) for which, n in n_train.items()}
-    for row, which in zip(rows, ("clean", "extra", "both"), strict=True):
-        assert row["category"] == "fine-tuning" and row["hparams"]["data"] == which
-        assert row["hparams"]["lr"] == 1e-3 and row["hparams"]["batch_size"] == 32
-        assert row["mem_before"] == rows[0]["mem_before"] and row["time_method_s"] > 0
-        info = row["method_info"]
-        assert info["source_step"] == 12 and info["steps"] == 2 * spe[which]
-        assert [h["epoch"] for h in info["history"]] == [1.0, 2.0]      # evaluated every epoch
-        assert info["n_rows"] == n_train[which]
-        # AdamW continued: its step counts run on from the training checkpoint
-        ck = os.path.join(info["run_dir"], "checkpoints", f"step-{info['steps']:09d}", "trainer_state.pt")
-        opt = torch.load(ck, weights_only=True)["optimizer"]
-        assert float(next(iter(opt["state"].values()))["step"]) == 12 + info["steps"]
-    assert (res / "results.csv").read_text().count("_ft") == 3
+    assert _cli("finetune", str(trained), "--data", which, "--epochs", "2", "--out", str(res), "--quiet") == 0
+    (row,) = [json.loads(x) for x in (res / "results.jsonl").read_text().splitlines()]
+    assert row["method"] == f"{which}_ft" and row["category"] == "fine-tuning"
+    assert row["hparams"]["data"] == which
+    assert row["hparams"]["lr"] == 1e-3 and row["hparams"]["batch_size"] == 32 and row["time_method_s"] > 0
+    final = json.loads((trained / "final_metrics.json").read_text())
+    assert row["mem_before"] == final["mem"] and row["utility_before"]["acc"] == final["avg_acc"]
+    info = row["method_info"]
+    spe = -(-N_ROWS[which] // 32)
+    assert info["source_step"] == 12 and info["steps"] == 2 * spe and info["n_rows"] == N_ROWS[which]
+    assert [h["epoch"] for h in info["history"]] == [1.0, 2.0]      # evaluated every epoch
+    assert row["after"]["mem"] == info["history"][-1]["mem"]
+    # AdamW continued: its step counts run on from the training checkpoint's
+    ck = os.path.join(info["run_dir"], "checkpoints", f"step-{info['steps']:09d}", "trainer_state.pt")
+    opt = torch.load(ck, weights_only=True)["optimizer"]
+    assert float(next(iter(opt["state"].values()))["step"]) == 12 + info["steps"]
+    assert (res / "results.csv").read_text().splitlines()[1].split(",")[2] == f"{which}_ft"
 
 
-def test_cli_finetune_bad_input(tmp_path):
-    r = _cli("finetune", str(tmp_path / "nope"), "--out", str(tmp_path))
-    assert r.returncode == 2 and "does not exist" in r.stderr
+def test_cli_finetune_bad_input(tmp_path, capsys):
+    assert _cli("finetune", str(tmp_path / "nope"), "--out", str(tmp_path)) == 2
+    assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    r = _cli("finetune", str(tmp_path / "empty"), "--out", str(tmp_path))
-    assert r.returncode == 2 and "no training checkpoint" in r.stderr
+    assert _cli("finetune", str(tmp_path / "empty"), "--out", str(tmp_path)) == 2
+    assert "no training checkpoint" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "tinymem_fast", "finetune", str(tmp_path / "empty"), "--data",
+                        "dirty"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -402,39 +402,48 @@ SETS = [f"data.{k}={v}" for k, v in TINY_DATA.items() if k not in ("kind", "arti
 
 
 def _train(out, *extra):
+    """`tinymem train` through the CLI's own parser and handler (in-process: no interpreter start-up)."""
+    from tinymem_fast.cli import main
+
     sets = [a for s in SETS for a in ("--set", s)]
-    return subprocess.run([sys.executable, "-m", "tinymem_fast", "train", "--preset", "quick", "--quiet",
-                           "--out", str(out), *sets, *extra], capture_output=True, text=True, timeout=600,
-                          env=ENV)
+    return main(["train", "--preset", "quick", "--quiet", "--out", str(out), *sets, *extra])
 
 
-def test_cli_trains_with_each_regularizer_and_writes_rows(tmp_path):
-    base = _train(tmp_path / "base")
-    assert base.returncode == 0, base.stderr[-2000:]
-    for name in sorted(REGULARIZERS):
-        r = _train(tmp_path / name, "--regularizer", name, "--baseline", str(tmp_path / "base"),
-                   "--results", str(tmp_path / "res"))
-        assert r.returncode == 0, r.stderr[-2000:]
-        final = json.loads((tmp_path / name / "final_metrics.json").read_text())
-        cost = final["regularizer_cost"]
-        assert cost["regularizer"] == name and cost["step_ms_plain"] > 0 and cost["overhead_ratio"] > 0
-    rows = [json.loads(x) for x in (tmp_path / "res" / "results.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in rows] == sorted(REGULARIZERS)
-    for r in rows:
-        assert r["category"] == "regularizer" and r["time_method_s"] > 0
-        assert r["method_info"]["baseline"].endswith("base") and "overhead_ratio" in r["method_info"]
-        assert r["mem_before"] == rows[0]["mem_before"]        # the same baseline for all
-    assert rows[2]["hparams"]["spectral_lambda"] == 0.01 and rows[0]["hparams"]["etd_p_mem"] == 0.1
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "base"
+    assert _train(out) == 0
+    return out
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--regularizer", "dropconnect"], "unknown regularizer"),
-    (["--regularizer", "spectral_norm", "--results", "x"], "--baseline"),
-])
-def test_cli_regularizer_bad_input(tmp_path, args, msg):
-    r = subprocess.run([sys.executable, "-m", "tinymem_fast", "train", *args, "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120, env=ENV)
-    assert r.returncode == 2 and msg in r.stderr, r.stderr[-1000:]
+@pytest.mark.parametrize("name", sorted(REGULARIZERS))
+def test_cli_trains_with_regularizer_and_writes_row(baseline, tmp_path, name):
+    res = tmp_path / "res"
+    assert _train(tmp_path / name, "--regularizer", name, "--baseline", str(baseline),
+                  "--results", str(res)) == 0
+    final = json.loads((tmp_path / name / "final_metrics.json").read_text())
+    cost = final["regularizer_cost"]
+    assert cost["regularizer"] == name and cost["step_ms_plain"] > 0 and cost["overhead_ratio"] > 0
+    info = json.loads((tmp_path / name / "run.json").read_text())
+    assert info["config"]["train"]["regularizer"] == name
+    (row,) = [json.loads(x) for x in (res / "results.jsonl").read_text().splitlines()]
+    base = json.loads((baseline / "final_metrics.json").read_text())
+    assert row["method"] == name and row["category"] == "regularizer" and row["time_method_s"] > 0
+    assert row["mem_before"] == base["mem"] and row["mem_after"] == final["mem"]
+    assert row["method_info"]["baseline"] == str(baseline) and "overhead_ratio" in row["method_info"]
+    assert set(row["hparams"]) >= set(REGULARIZERS[name][1])
+    assert (res / "results.csv").read_text().splitlines()[1].split(",")[2] == name
+
+
+def test_cli_regularizer_bad_input(tmp_path, capsys):
+    from tinymem_fast.cli import main
+
+    assert main(["train", "--regularizer", "spectral_norm", "--results", "x", "--out", str(tmp_path)]) == 2
+    assert "--baseline" in capsys.readouterr().err
+    # and once through the installed entry point, as a user runs it
+    r = subprocess.run([sys.executable, "-m", "tinymem_fast", "train", "--regularizer", "dropconnect",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 2 and "unknown regularizer" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "checkpoints").exists()
 
 
