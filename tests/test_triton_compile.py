@@ -105,3 +105,51 @@ def test_masked_subnet_kernels_compile_for_sm90(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kernel variants for sm_90" in proc.stdout
+
+
+_MEMSCORE_SCRIPT = r"""
+import inspect
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+try:
+    from tinymem_fast.kernels import memscore as tk
+except ImportError:
+    from kernels import memscore as tk
+
+TARGET = GPUTarget("cuda", 90, 32)
+_PARAMS = inspect.signature(triton.compiler.ASTSource).parameters
+kw = "constexprs" if "constexprs" in _PARAMS else "constants"
+
+done = 0
+for dt in ("fp32", "fp16", "bf16"):
+    cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32 if dt == "fp32" else 64)
+    # (has_bias, has_targets, need_nll, early_exit): memscore with NLL, pruned match-only, plain match-only,
+    # lm_head_argmax
+    for has_bias, has_t, nll, early in ((True, True, True, False), (False, True, False, True),
+                                        (True, True, False, False), (False, False, False, False)):
+        sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": "*i64", "thi_ptr": "*fp32",
+               "best_ptr": "*fp32", "arg_ptr": "*i32", "sum_ptr": "*fp32", "tgt_ptr": "*fp32",
+               "dead_ptr": "*i8", "M": "i32", "V": "i32", "D": "i32", "v_per_split": "i32"}
+        const = dict(HAS_BIAS=has_bias, HAS_TARGETS=has_t, NEED_NLL=nll, EARLY_EXIT=early,
+                     IEEE=dt == "fp32", **cfg)
+        sig.update({name: "constexpr" for name in const})
+        src = triton.compiler.ASTSource(fn=tk._memscore_kernel, signature=sig, **{kw: const})
+        kernel = triton.compile(src, target=TARGET, options=dict(num_warps=8, num_stages=3))
+        assert kernel.asm.get("cubin"), "_memscore_kernel: no cubin"
+        if dt != "fp32":
+            assert "mma" in kernel.asm["ptx"], "half-precision logits must use tensor cores"
+        done += 1
+print(f"compiled {done} memscore kernel variants for sm_90")
+"""
+
+
+def test_memscore_kernels_compile_for_sm90(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run([sys.executable, "-c", _MEMSCORE_SCRIPT], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "memscore kernel variants for sm_90" in proc.stdout
