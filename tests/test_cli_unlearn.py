@@ -17,13 +17,58 @@ def _cli(*args, timeout=600):
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    sets = [a for s in TINY_SETS for a in ("--set", s)]
+def _train(out, arch="gpt2"):
+    sets = [a for s in [*TINY_SETS, f"model.arch={arch}"] for a in ("--set", s)]
     r = _cli("train", "--preset", "quick", "--quiet", "--out", str(out), *sets)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("run"))
+
+
+# every unlearning method at a tiny setting (Greedy: a few weights; SOU, IG: few gradients / steps)
+ALL_HP = ["--hp", "ratio=0.05", "--hp", "epochs=1", "--hp", "greedy:ratio=2e-5", "--hp", "sou_num_grads=16",
+          "--hp", "ig_steps=2"]
+
+
+def _run_all(run_dir, out):
+    from tinymem_fast.methods import method_names
+
+    r = _cli("unlearn", "--method", "all", "--model", str(run_dir), "--retain-size", "200", "--out", str(out),
+             "--quiet", *ALL_HP)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if "nothing is memorized" in r.stdout:
+        pytest.skip("the tiny run memorized nothing (reported cleanly)")
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["method"] for row in rows] == method_names()
+    base = {(row["mem_before"], json.dumps(row["base"], sort_keys=True)) for row in rows}
+    assert len(base) == 1  # one shared base evaluation, every method from a fresh copy
+    for row in rows:
+        assert 0.0 <= row["mem_after"] <= 100.0 and row["time_method_s"] > 0, row["method"]
+        assert len(list(out.glob(f"model-{row['method']}-*/model.safetensors"))) == 1
+    return rows
+
+
+def test_unlearn_all_methods_gpt2(trained, tmp_path):
+    _run_all(trained, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_unlearn_all_methods_other_archs(arch, tmp_path):
+    _run_all(_train(tmp_path / "run", arch), tmp_path / "out")
+
+
+def test_hp_scoping_errors(trained, tmp_path):
+    r = _cli("unlearn", "--method", "greedy,durable", "--model", str(trained), "--out", str(tmp_path),
+             "--hp", "ig_steps=3")
+    assert r.returncode == 2 and "no setting 'ig_steps'" in r.stderr
+    r = _cli("unlearn", "--method", "greedy", "--model", str(trained), "--out", str(tmp_path),
+             "--hp", "durable:ratio=0.1")
+    assert r.returncode == 2 and "not among --method" in r.stderr
 
 
 def test_unlearn_writes_row_and_model(trained, tmp_path):

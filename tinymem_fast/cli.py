@@ -129,20 +129,49 @@ def _parse_hp(items: list[str]) -> dict:
     return out
 
 
+def _method_hparams(methods, items: list[str], quick_defaults: bool) -> dict[str, dict]:
+    """Per method, its hyperparameters: ``key=value`` goes to every listed method that has the setting,
+    ``method:key=value`` to that method only; a key no listed method knows is an error."""
+    import dataclasses
+
+    from .demo import QUICK_METHODS
+    from .methods import get_method
+
+    fields = {m.name: {f.name for f in dataclasses.fields(m.config_cls)} for m in methods}
+    out = {m.name: dict(QUICK_METHODS.get(m.name, {})) if quick_defaults else {} for m in methods}
+    for item in items:
+        head, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--hp expects key=value or method:key=value, got {item!r}")
+        scope, _, key = head.strip().rpartition(":")
+        parsed = _parse_hp([f"{key}={value}"])
+        targets = [get_method(scope).name] if scope else [m.name for m in methods]
+        if scope and targets[0] not in out:
+            raise ValueError(f"--hp {item!r}: method {scope!r} is not among --method")
+        hit = [t for t in targets if key in fields[t]]
+        if not hit:
+            names = " / ".join(targets)
+            valid = sorted(set().union(*(fields[t] for t in targets)) - {"progress"})
+            raise ValueError(f"{names} has no setting {key!r}; valid: {', '.join(valid)}")
+        for t in hit:
+            out[t].update(parsed)
+    return out
+
+
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     import logging
     import os
 
     from .data.dataset import build
-    from .demo import QUICK_METHODS
-    from .experiments import NothingMemorized, append_row, unlearn
-    from .methods import get_method
+    from .experiments import NothingMemorized, append_row, forget_set, stats, unlearn
+    from .methods import get_method, method_names
     from .models import load_model, save_model
     from .presets import RunConfig, apply_overrides, get_preset
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        method = get_method(args.method)
+        names = method_names() if args.method == "all" else [n for n in args.method.split(",") if n.strip()]
+        methods = list(dict.fromkeys(get_method(n.strip()) for n in names))
         run_dir = args.model
         info_path = os.path.join(run_dir, "run.json")
         model_path = os.path.join(run_dir, "final") if os.path.exists(info_path) else run_dir
@@ -156,25 +185,32 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
         else:
             cfg = get_preset(args.preset or "quick")
         cfg = apply_overrides(cfg, args.set)
-        hp = {**(QUICK_METHODS.get(method.name, {}) if args.quick_defaults else {}), **_parse_hp(args.hp)}
+        hps = _method_hparams(methods, args.hp, args.quick_defaults)
         model = load_model(model_path, device=args.device or "cpu")
         data = build(cfg.data, seed=cfg.seed, workdir=run_dir if os.path.exists(info_path) else None)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"tinymem unlearn: {exc}", file=sys.stderr)
         return 2
-    try:
-        row = unlearn(model, data, method.name, {**hp, "progress": not args.quiet}, seed=args.seed,
-                      model_tag=os.path.abspath(model_path), retain_size=args.retain_size)
-    except NothingMemorized as exc:
-        print(f"tinymem unlearn: {exc}")
-        return 0
-    except (ValueError, TypeError) as exc:
-        print(f"tinymem unlearn: {exc}", file=sys.stderr)
-        return 2
-    append_row(row, args.out)
-    save_model(model, os.path.join(args.out, f"model-{method.name}-{row['run_id']}"))
-    print(f"{method.name}: {row['mem_metric']} {row['mem_before']:.2f}% -> {row['mem_after']:.2f}%, "
-          f"utility change {100 * row['d_util']:+.2f}%, {row['time_method_s']:.1f} s; results in {args.out}")
+    base = stats(model, data)           # shared by every method: each starts from a fresh copy
+    forget = forget_set(model, data)
+    for i, method in enumerate(methods):
+        if i:
+            model = load_model(model_path, device=args.device or "cpu")
+        try:
+            row = unlearn(model, data, method.name, {**hps[method.name], "progress": not args.quiet},
+                          seed=args.seed, model_tag=os.path.abspath(model_path), retain_size=args.retain_size,
+                          base=base, forget=forget)
+        except NothingMemorized as exc:
+            print(f"tinymem unlearn: {exc}")
+            return 0
+        except (ValueError, TypeError) as exc:
+            print(f"tinymem unlearn: {method.name}: {exc}", file=sys.stderr)
+            return 2
+        append_row(row, args.out)
+        save_model(model, os.path.join(args.out, f"model-{method.name}-{row['run_id']}"))
+        print(f"{method.name}: {row['mem_metric']} {row['mem_before']:.2f}% -> {row['mem_after']:.2f}%, "
+              f"utility change {100 * row['d_util']:+.2f}%, {row['time_method_s']:.1f} s; "
+              f"results in {args.out}")
     return 0
 
 
@@ -230,12 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=_cmd_demo)
 
     un = sub.add_parser("unlearn", help="remove memorized sequences from a trained model")
-    un.add_argument("--method", required=True, help="e.g. balanced_subnet, subnet")
+    un.add_argument("--method", required=True,
+                    help="a method, a comma-separated list, or `all`; e.g. balanced_subnet,greedy")
     un.add_argument("--model", required=True, help="a `tinymem train` output folder or an HF model folder")
     un.add_argument("--preset", help="data preset when --model is a bare model folder")
     un.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data/model overrides")
     un.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                    help="method hyperparameter, e.g. --hp ratio=0.05 --hp epochs=10")
+                    help="method hyperparameter for every listed method that has it (--hp ratio=0.05), "
+                         "or for one method (--hp greedy:ratio=1e-4)")
     un.add_argument("--quick-defaults", action="store_true",
                     help="start from the CPU-sized quick settings instead of the paper's")
     un.add_argument("--retain-size", type=int, default=2000)

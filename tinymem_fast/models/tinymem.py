@@ -117,9 +117,16 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.
         cfg = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except ValueError as exc:
         raise ValueError(f"{path!r}: config.json is not a known model type ({exc})") from None
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per load floods the output of multi-method runs
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
                                                      trust_remote_code=False, dtype=dtype)
     except (ValueError, KeyError) as exc:
         raise ValueError(f"{path!r} is not a causal LM checkpoint: {exc}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
