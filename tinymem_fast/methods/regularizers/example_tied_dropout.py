@@ -13,6 +13,10 @@ Masks are a pure function of (seed, block, example id, channel) -- an integer ha
 device each step -- so there is no cache to fill, nothing to save in a checkpoint, and an example gets the
 same mask in every epoch. Example ids are training-row indices (duplicate copies share their sequence's
 id) or, with ``per_row_ids``, copy numbers.
+
+The hooks are not part of the saved model: a model trained with this regularizer is evaluated as intended
+only with them attached (``ExampleTiedDropout(model, p_fixed, p_mem)`` then ``model.eval()``); the
+training loop's own evaluations and final metrics have them.
 """
 
 from __future__ import annotations
