@@ -136,3 +136,14 @@ def test_bad_input():
         greedy_decode(model, ids[:, :P], K, stop_on_mismatch=True)
     with pytest.raises(ValueError, match="reference must be"):
         greedy_decode(model, ids[:, :P], K, reference=ids[:, :3])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_every_backend_decodes_like_generate(backend):
+    from conftest import backend_or_skip
+
+    backend_or_skip(backend)
+    model, _, _ = planted("gpt2")
+    ids = probe_rows("gpt2")[:10]
+    e = extract(model, ids, P, K, batch_size=10, backend=backend)
+    assert torch.equal(e.tokens, generate(model, ids[:, :P], K))

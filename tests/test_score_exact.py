@@ -30,8 +30,10 @@ def test_equals_generate_any_batch_size(arch):
         assert torch.equal(s.exact, exact) and torch.equal(s.first_mismatch, first)
         if ref is None:
             ref = s
-        else:  # batch composition changes nothing, not even in the last bit
-            assert torch.equal(s.matched, ref.matched) and torch.equal(s.mean_nll, ref.mean_nll)
+        else:  # batch composition changes no bit; the NLL only in float rounding (kernels may split the
+            # vocabulary differently for few rows, which reorders the logsumexp)
+            assert torch.equal(s.matched, ref.matched)
+            torch.testing.assert_close(s.mean_nll, ref.mean_nll, rtol=1e-5, atol=1e-6)
     # teacher-forced matched count and NLL against the model's own logits
     with torch.no_grad():
         logits = model(ids[:, : P + K]).logits[:, P - 1: P + K - 1]
@@ -51,8 +53,9 @@ def test_padding_and_trailing_tokens_change_nothing(arch):
     gen = torch.Generator().manual_seed(5)
     longer = torch.cat([ids[:, : P + K], torch.randint(0, V, (ids.shape[0], 9), generator=gen)], 1)
     other = score_exact(model, longer, P, K, batch_size=4, need_nll=True)
-    for f in ("exact", "first_mismatch", "matched", "mean_nll"):
+    for f in ("exact", "first_mismatch", "matched"):
         assert torch.equal(getattr(base, f), getattr(other, f)), f
+    torch.testing.assert_close(base.mean_nll, other.mean_nll, rtol=1e-5, atol=1e-6)
 
 
 def test_per_row_windows_equal_uniform_runs():
@@ -206,3 +209,19 @@ def test_bad_ids():
     long_model = tiny("gpt2", ctx=20)
     with pytest.raises(ScoringInputError, match="context of 20"):
         score_exact(long_model, ids, P, K)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_every_backend_gives_the_generate_bits(backend):
+    from conftest import backend_or_skip
+
+    backend_or_skip(backend)
+    model, _, _ = planted("llama")
+    ids = probe_rows("llama")
+    exact, first = truth(model, ids)
+    s = score_exact(model, ids, P, K, batch_size=24, backend=backend)
+    assert torch.equal(s.exact, exact) and torch.equal(s.first_mismatch, first)
+    ref = score_exact(model, ids, P, K, batch_size=24, backend="torch", need_nll=True)
+    assert torch.equal(s.matched, ref.matched)
+    nll = score_exact(model, ids, P, K, batch_size=24, backend=backend, need_nll=True)
+    torch.testing.assert_close(nll.mean_nll, ref.mean_nll, rtol=1e-5, atol=1e-6)
