@@ -7,7 +7,7 @@ import torch
 from scoring_models import ARCHS, K, P, V, generate, planted, probe_rows, tiny
 
 from tinymem_fast.ops import greedy as greedy_mod
-from tinymem_fast.ops.greedy import greedy_decode, make_kv_cache
+from tinymem_fast.ops.greedy import greedy_decode, make_kv_cache, split_causal_lm
 from tinymem_fast.scoring import ScoringInputError, extract, score_exact
 
 
@@ -72,13 +72,14 @@ def test_cache_is_preallocated_and_shrinks():
     cache = make_kv_cache(model, 20)
     layer = cache.layers[0]
     assert type(layer).__name__ == "_PreallocatedLayer"
-    body = model.base_model
+    parts = split_causal_lm(model)
+    body, kw = parts.body, parts.cache_kw  # "cache" on transformers 5, "past_key_values" before
     with torch.no_grad():
-        body(input_ids=torch.zeros(4, 5, dtype=torch.long), use_cache=True, cache=cache)
+        body(input_ids=torch.zeros(4, 5, dtype=torch.long), use_cache=True, **{kw: cache})
     buf = layer.kbuf
     assert buf.shape[:3] == (4, 2, 20) and cache.get_seq_length() == 5
     with torch.no_grad():
-        body(input_ids=torch.zeros(4, 1, dtype=torch.long), use_cache=True, cache=cache)
+        body(input_ids=torch.zeros(4, 1, dtype=torch.long), use_cache=True, **{kw: cache})
     assert layer.kbuf.data_ptr() == buf.data_ptr() and layer.keys.shape[2] == 6  # written in place
     cache.batch_select_indices(torch.tensor([0, 2]))
     assert layer.keys.shape[:3] == (2, 2, 6) and layer.kbuf.shape[2] == 20

@@ -411,14 +411,18 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str 
     except (ValueError, KeyError, OSError) as exc:
         raise ScoringInputError(f"{path!r}: config.json is not a known model type "
                                 f"({_first_line(exc)})") from None
+    import transformers
     from transformers.utils import logging as hf_logging
 
     kw = {"device_map": device_map} if device_map is not None else {}
+    # transformers < 4.56 names the argument torch_dtype
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our own
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
-                                                     trust_remote_code=False, dtype=dtype, **kw)
+                                                     trust_remote_code=False, **kw)
     except (ValueError, KeyError, OSError, TypeError, ImportError) as exc:
         raise ScoringInputError(f"{path!r} is not a causal LM checkpoint: {_first_line(exc)}") from None
     finally:
