@@ -10,8 +10,8 @@ import torch
 
 from .harness import save
 
-SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick", "scoring",
-          "regularizers"]
+SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick", "method_baselines",
+          "methods_quick", "scoring", "regularizers", "memscore"]
 
 
 def main(argv=None) -> int:

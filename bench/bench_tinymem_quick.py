@@ -14,7 +14,7 @@ import os
 import time
 
 from tinymem_fast.data.dataset import build
-from tinymem_fast.presets import apply_overrides, get_preset
+from tinymem_fast.presets import RunConfig, apply_overrides, get_preset
 from tinymem_fast.training import build_model_for, train
 
 from .harness import HERE, Row
@@ -30,11 +30,28 @@ RUNS = [
 ]
 
 
+def config_key(cfg) -> str:
+    """Hash of the settings that differ from a default RunConfig: a new setting added to the library
+    with a default that changes nothing does not invalidate the cached runs."""
+    default = RunConfig().to_dict()
+
+    def diff(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: d for k, v in a.items() if (d := diff(v, b.get(k, _MISSING))) is not _MISSING}
+        return _MISSING if a == b else a
+
+    blob = json.dumps(diff(cfg.to_dict(), default), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_MISSING = object()
+
+
 def trained_run(preset: str, sets: list[str]) -> str:
     """Folder of a finished run of this exact configuration (keyed by a hash of the full config),
     training it first if needed; ``wall.json`` there records the wall time the training took."""
     cfg = apply_overrides(get_preset(preset), sets)
-    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    key = config_key(cfg)
     out = os.path.join(CACHE, key)
     done = os.path.join(out, "wall.json")
     if not os.path.exists(done):
