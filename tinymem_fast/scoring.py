@@ -86,6 +86,8 @@ class ExtractResult:
     reference suffix, position by position over all ``k`` (with ``stop_on_mismatch``: the tokens before
     the first miss). ``fractional`` = matched / k, the Pythia-style score (memorized iff 1).
     ``first_mismatch``: first differing position (``k`` when none); ``exact``: all ``k`` equal.
+    ``decoded``: rows that went through the decoder (the others were found exactly memorized, with no
+    near-tie, by the teacher-forced prescreen, and their tokens are their reference suffix).
     """
 
     tokens: torch.Tensor
@@ -94,6 +96,7 @@ class ExtractResult:
     exact: torch.Tensor
     suffix_len: int
     stopped: bool = False
+    decoded: torch.Tensor | None = None  # [N] bool: rows actually decoded (the others prescreened)
 
     @property
     def fractional(self) -> torch.Tensor:
@@ -251,6 +254,23 @@ def _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_mar
     mode = {False: "none", True: "margin", None: "none"}.get(verify, verify)
     if mode not in VERIFY_MODES:
         raise ScoringInputError(f"verify must be one of {VERIFY_MODES} (or a bool), got {verify!r}")
+    result, suspect, parts, ids, p, k = _teacher_forced(model, ids, prefix_len, suffix_len, batch_size,
+                                                        mode == "margin", tie_margin, need_nll, suppress_ids,
+                                                        backend, progress)
+    if mode != "none":
+        n = len(result)
+        rows = torch.arange(n) if mode == "full" else suspect.nonzero().reshape(-1)
+        result.verified = torch.zeros(n, dtype=torch.bool)
+        result.verified[rows] = True
+        if rows.numel():
+            _redecode(model, parts, ids, p, k, rows, result, batch_size, suppress_ids, backend, progress)
+    return result
+
+
+def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin, tie_margin, need_nll,
+                    suppress_ids, backend, progress, margin_of_exact_only=False):
+    """The one teacher-forced pass: (ScoreResult, near-tie rows [N] bool (all False unless
+    ``want_margin``; only exact rows looked at with ``margin_of_exact_only``), parts, ids, p [N], k [N])."""
     _check_batch_size(batch_size)
     parts = split_causal_lm(model)
     ids = as_id_matrix(ids)
@@ -292,21 +312,18 @@ def _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_mar
         matched[i:j] = r.matched.cpu()
         if need_nll:
             nll[i:j] = r.mean_nll.cpu()
-        if mode == "margin":
+        if want_margin:
             # a near-tie decides the result only up to the first miss; later positions cannot matter
             rank = torch.cumsum(mask, 1) - 1
             keep = (mask & (rank <= first[i:j, None])).to(dev)
-            suspect[i:j] = (_top2_margin(parts, h, keep, bias).cpu() < margin)
+            sel = (exact[i:j].nonzero().reshape(-1) if margin_of_exact_only
+                   else torch.arange(j - i)).to(dev)
+            if sel.numel():
+                gap = _top2_margin(parts, h[sel], keep[sel], bias).cpu()
+                suspect[i + sel.cpu()] = gap < margin
         bar.update(j - i)
     bar.close()
-    result = ScoreResult(exact, first, matched, k, nll)
-    if mode != "none":
-        rows = torch.arange(n) if mode == "full" else suspect.nonzero().reshape(-1)
-        result.verified = torch.zeros(n, dtype=torch.bool)
-        result.verified[rows] = True
-        if rows.numel():
-            _redecode(model, parts, ids, p, k, rows, result, batch_size, suppress_ids, backend, progress)
-    return result
+    return ScoreResult(exact, first, matched, k, nll), suspect, parts, ids, p, k
 
 
 def _redecode(model, parts, ids, p, k, rows, result: ScoreResult, batch_size, suppress_ids, backend,
@@ -320,7 +337,7 @@ def _redecode(model, parts, ids, p, k, rows, result: ScoreResult, batch_size, su
         sel = rows[(keys == torch.tensor(pk)).all(1)]
         pp, kk = pk
         dec = extract(model, ids[sel, : pp + kk], pp, kk, batch_size=batch_size, stop_on_mismatch=True,
-                      suppress_ids=suppress_ids, backend=backend, progress=progress)
+                      prescreen=False, suppress_ids=suppress_ids, backend=backend, progress=progress)
         differ = (dec.exact != result.exact[sel]) | (dec.first_mismatch != result.first_mismatch[sel])
         if bool(differ.any()):
             bad.append(sel[differ])
@@ -336,23 +353,26 @@ def _redecode(model, parts, ids, p, k, rows, result: ScoreResult, batch_size, su
 
 
 def extract(model, ids, prefix_len: int, suffix_len: int, *, batch_size: int = 64,
-            stop_on_mismatch: bool = False, suppress_ids=None, backend: str | None = None,
-            progress: bool = False) -> ExtractResult:
+            stop_on_mismatch: bool = False, prescreen: bool = True, tie_margin: float | None = None,
+            suppress_ids=None, backend: str | None = None, progress: bool = False) -> ExtractResult:
     """Greedy-decode ``suffix_len`` tokens after ``ids[:, :prefix_len]`` and compare with
     ``ids[:, prefix_len: prefix_len + suffix_len]``.
 
     Token for token equal to ``model.generate(do_sample=False, max_new_tokens=k, min_new_tokens=k)`` with
     EOS stopping disabled (``eos_token_id=None``). ``stop_on_mismatch``: rows leave the batch at their
-    first wrong token (enough for the exact bit; see :class:`ExtractResult` for what that changes). The
-    model runs in eval mode (its modes are restored afterwards).
+    first wrong token (enough for the exact bit; see :class:`ExtractResult` for what that changes).
+    ``prescreen``: one teacher-forced pass first; a row it finds exactly memorized, with every top-1 minus
+    top-2 logit gap of its suffix at least ``tie_margin`` (default by dtype), decodes to its own suffix
+    (SPEC 4.5), so it is not decoded at all (``decoded`` is False for it). The model runs in eval mode (its
+    modes are restored afterwards).
     """
     with _eval_mode(model), torch.no_grad():
-        return _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, suppress_ids,
-                        backend, progress)
+        return _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, prescreen,
+                        tie_margin, suppress_ids, backend, progress)
 
 
-def _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, suppress_ids, backend,
-             progress) -> ExtractResult:
+def _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, prescreen, tie_margin,
+             suppress_ids, backend, progress) -> ExtractResult:
     _check_batch_size(batch_size)
     for name, v in (("prefix_len", prefix_len), ("suffix_len", suffix_len)):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -365,18 +385,30 @@ def _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, s
     tokens = torch.full((n, k), -1, dtype=torch.long)
     matched = torch.zeros(n, dtype=torch.long)
     first = torch.zeros(n, dtype=torch.long)
+    todo = torch.arange(n)
+    if prescreen:
+        tf, suspect, *_ = _teacher_forced(model, ids, p, k, batch_size, True, tie_margin, False, suppress_ids,
+                                          backend, False, margin_of_exact_only=True)
+        known = tf.exact & ~suspect
+        tokens[known] = ids[known, p: p + k]
+        matched[known] = k
+        first[known] = k
+        todo = (~known).nonzero().reshape(-1)
+    decoded = torch.zeros(n, dtype=torch.bool)
+    decoded[todo] = True
     bar = tqdm(total=n, unit="seq", desc="extract", disable=not progress, dynamic_ncols=True)
-    for i in range(0, n, batch_size):
-        j = min(n, i + batch_size)
-        out = greedy_decode(model, ids[i:j, :p], k, reference=ids[i:j, p: p + k],
+    bar.update(n - todo.numel())
+    for i in range(0, todo.numel(), batch_size):
+        rows = todo[i: i + batch_size]
+        out = greedy_decode(model, ids[rows, :p], k, reference=ids[rows, p: p + k],
                             stop_on_mismatch=stop_on_mismatch, suppress_ids=suppress_ids, backend=backend,
                             parts=parts)
-        tokens[i:j] = out.tokens.cpu()
-        matched[i:j] = out.matched.cpu()
-        first[i:j] = out.first_mismatch.cpu()
-        bar.update(j - i)
+        tokens[rows] = out.tokens.cpu()
+        matched[rows] = out.matched.cpu()
+        first[rows] = out.first_mismatch.cpu()
+        bar.update(rows.numel())
     bar.close()
-    return ExtractResult(tokens, matched, first, first == k, k, stop_on_mismatch)
+    return ExtractResult(tokens, matched, first, first == k, k, stop_on_mismatch, decoded)
 
 
 # --- model and input loading ------------------------------------------------------------------------------
@@ -585,7 +617,8 @@ def score_for_mode(model, ids: torch.Tensor, p: int, k: int, *, command: str, mo
             todo = (~cols["exact"]).nonzero().reshape(-1)
             matched = torch.full((ids.shape[0],), k, dtype=torch.long)
             if todo.numel():
-                e = extract(model, ids[todo], p, k, batch_size=batch_size, backend=backend, progress=progress)
+                e = extract(model, ids[todo], p, k, batch_size=batch_size, prescreen=False, backend=backend,
+                            progress=progress)
                 matched[todo] = e.matched
         else:
             e = extract(model, ids, p, k, batch_size=batch_size, backend=backend, progress=progress)
