@@ -176,3 +176,24 @@ def test_text_without_tokenizer(setup, tmp_path, capsys):
     inp = _write(tmp_path / "t.jsonl", json.dumps({"text": "w1 w2"}) + "\n")
     rc, _, err = _run(["score", str(bare), "--input", inp, "--out", str(tmp_path / "o"), "--quiet"], capsys)
     assert rc == 2 and "t.jsonl:1: a \"text\" line needs a tokenizer" in err
+
+
+def test_suppress_eos(setup, tmp_path, capsys):
+    root, mdir, ids, model = setup
+    eos = int(ids[0, P + 5])
+    j = int((ids[0, P: P + K] == eos).nonzero()[0])
+    import copy
+
+    m = copy.deepcopy(model)
+    m.config.eos_token_id = eos
+    m.generation_config.eos_token_id = eos
+    m.save_pretrained(tmp_path / "m")
+    torch.save(ids[:8], tmp_path / "ids.pt")
+    base = ["score", str(tmp_path / "m"), "--input", str(tmp_path / "ids.pt"), "--prefix-len", str(P),
+            "--suffix-len", str(K), "--quiet"]
+    assert _run([*base, "--out", str(tmp_path / "plain")], capsys)[0] == 0
+    assert _run([*base, "--suppress-eos", "--out", str(tmp_path / "sup")], capsys)[0] == 0
+    plain, _ = _read(tmp_path / "plain", "score")
+    sup, summary = _read(tmp_path / "sup", "score")
+    assert plain[0]["exact"] and not sup[0]["exact"] and sup[0]["first_mismatch"] == j
+    assert summary["suppressed_eos"] == [eos]

@@ -249,6 +249,8 @@ def _add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
     sp.add_argument("--device-map", help="shard the model with accelerate, e.g. auto")
     sp.add_argument("--backend", choices=("torch", "cpp", "triton", "cuda"), help="kernel backend")
     sp.add_argument("--out", default=out_default, help=f"output folder (default ./{out_default})")
+    sp.add_argument("--suppress-eos", action="store_true",
+                    help="never pick the model's EOS token, as the reference's min_length does (SPEC 4.5)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -591,17 +591,17 @@ def _device_name(device: torch.device) -> str:
 
 def score_for_mode(model, ids: torch.Tensor, p: int, k: int, *, command: str, mode: str, batch_size: int,
                    verify: bool | str, need_nll: bool, stop_on_mismatch: bool, backend: str | None,
-                   progress: bool) -> dict[str, torch.Tensor]:
+                   progress: bool, suppress_ids=None) -> dict[str, torch.Tensor]:
     """The per-example columns ``tinymem score``/``extract`` write, as ``[N]`` (or ``[N, k]``) tensors."""
     cols: dict[str, torch.Tensor] = {}
     if command == "extract":
         e = extract(model, ids, p, k, batch_size=batch_size, stop_on_mismatch=stop_on_mismatch,
-                    backend=backend, progress=progress)
+                    suppress_ids=suppress_ids, backend=backend, progress=progress)
         return {"exact": e.exact, "first_mismatch": e.first_mismatch, "matched": e.matched,
                 "fractional": e.fractional, "tokens": e.tokens}
     if mode in ("exact", "both"):
         s = score_exact(model, ids, p, k, batch_size=batch_size, verify=verify, need_nll=need_nll,
-                        backend=backend, progress=progress)
+                        suppress_ids=suppress_ids, backend=backend, progress=progress)
         cols.update(exact=s.exact, first_mismatch=s.first_mismatch, matched_tf=s.matched,
                     fractional_tf=s.fractional)
         if need_nll:
@@ -617,11 +617,12 @@ def score_for_mode(model, ids: torch.Tensor, p: int, k: int, *, command: str, mo
             todo = (~cols["exact"]).nonzero().reshape(-1)
             matched = torch.full((ids.shape[0],), k, dtype=torch.long)
             if todo.numel():
-                e = extract(model, ids[todo], p, k, batch_size=batch_size, prescreen=False, backend=backend,
-                            progress=progress)
+                e = extract(model, ids[todo], p, k, batch_size=batch_size, prescreen=False,
+                            suppress_ids=suppress_ids, backend=backend, progress=progress)
                 matched[todo] = e.matched
         else:
-            e = extract(model, ids, p, k, batch_size=batch_size, backend=backend, progress=progress)
+            e = extract(model, ids, p, k, batch_size=batch_size, suppress_ids=suppress_ids, backend=backend,
+                        progress=progress)
             matched = e.matched
             cols.update(exact=e.exact, first_mismatch=e.first_mismatch)
         cols["matched"] = matched
@@ -675,7 +676,8 @@ def run_command(args, command: str) -> dict | None:
                           mode=getattr(args, "mode", "fractional"), batch_size=args.batch_size,
                           verify=getattr(args, "verify", False), need_nll=getattr(args, "nll", False),
                           stop_on_mismatch=getattr(args, "stop_on_mismatch", False), backend=args.backend,
-                          progress=not args.quiet and ctx.rank == 0)
+                          progress=not args.quiet and ctx.rank == 0,
+                          suppress_ids=eos_ids(model) if getattr(args, "suppress_eos", False) else None)
     if hi == lo:
         cols = {c: v[:0] for c, v in cols.items()}
     cols = dist_.gather_columns(cols, n, ctx)
@@ -687,6 +689,16 @@ def run_command(args, command: str) -> dict | None:
         _write_outputs(args.out, command, cols, summary)
     dist_.finish(ctx)
     return summary
+
+
+def eos_ids(model) -> list[int]:
+    """The model's EOS token ids (generation config first, then model config); [] when it has none."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -702,6 +714,8 @@ def _summary(cols, args, command, n, wall, parts, ctx) -> dict:
          "sequences_per_s": n / wall if wall > 0 else float("inf")}
     if command == "score":
         s["mode"] = args.mode
+    if getattr(args, "suppress_eos", False):
+        s["suppressed_eos"] = eos_ids(parts.model)
     n_exact = int(cols["exact"].sum())
     s.update(n_exact=n_exact, pct_exact=100.0 * n_exact / max(1, n))
     if "fractional" in cols:
