@@ -311,3 +311,18 @@ def test_cpp_op_checks_targets_itself():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     with pytest.raises(RuntimeError, match="id 12 at row 2"):
         torch.ops.tinymem.memscore(h, w, None, torch.tensor([0, 1, 12, 3]), True, False, 0)
+
+
+def test_compiled_ops_have_fake_implementations():
+    """Shape-only kernels let torch.compile / FakeTensor trace through the compiled ops."""
+    backend_or_skip("cpp")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    h, w, y = _ok()
+    memscore(h, w, y, backend="cpp")  # loads the extension and registers the fakes
+    with FakeTensorMode():
+        fh, fw, fy = torch.empty(5, 8), torch.empty(10, 8), torch.zeros(5, dtype=torch.long)
+        match, nll = torch.ops.tinymem.memscore(fh, fw, None, fy, True, False, 0)
+        arg = torch.ops.tinymem.lm_head_argmax(fh, fw, None, 0)
+    assert match.shape == (5,) and match.dtype == torch.bool and nll.dtype == torch.float32
+    assert arg.shape == (5,) and arg.dtype == torch.int64

@@ -22,10 +22,15 @@ targets are not looked at (so padding may hold e.g. ``-100``). NaN logits give u
 :func:`memscore_examples` reduces per example (exact-match bit, first-mismatch index, matched count,
 mean NLL). With ``need_nll=False`` and ``early_exit=True`` the fast backends prune: each token's target
 logit is computed first (one d-length dot product), and a token stops being scored as soon as some logit
-provably beats it (strictly greater, or equal at a lower index). The comparison uses a safe margin that
-covers any float32 accumulation-order difference between that dot product and the tiled one, so pruning
-never changes a result: ``exact``, ``first_mismatch`` and ``matched`` (still the full count of matched
-tokens -- a pruned token is a miss) equal the unpruned computation exactly.
+provably beats it (strictly greater, or equal at a lower index). The cpp backend computes that dot
+product with the very FMA chain its tiles use, so the comparison is exact; the GPU backends, whose
+tiled accumulation order is the hardware's, compare against an upper bound that covers any float32
+accumulation-order difference. Either way pruning never changes a result: ``exact``, ``first_mismatch``
+and ``matched`` (still the full count of matched tokens -- a pruned token is a miss) equal the unpruned
+computation exactly. The torch backend ignores ``early_exit``.
+
+The compiled ops are ``torch.ops.tinymem.memscore`` / ``torch.ops.tinymem.lm_head_argmax`` (flat rows;
+fake implementations are registered so they trace under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -220,8 +225,30 @@ def _ext_has(op: str) -> bool:
         return False
 
 
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations of the compiled ops, for torch.compile / FakeTensor tracing."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("tinymem::memscore")
+    def _memscore_fake(hidden, weight, bias, targets, need_nll, early_exit, chunk_size):
+        m = hidden.shape[0]
+        return hidden.new_empty(m, dtype=torch.bool), hidden.new_empty(m, dtype=torch.float32)
+
+    @torch.library.register_fake("tinymem::lm_head_argmax")
+    def _argmax_fake(hidden, weight, bias, chunk_size):
+        return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
+
+
 def _select(op: str, ext_op: str, device: torch.device, backend: str | None) -> str:
     b = registry.select(op, device, backend)
+    if b in ("cpp", "cuda") and _ext_has(ext_op):
+        _register_fakes()
     if b in ("cpp", "cuda") and not _ext_has(ext_op):
         # a compiled extension from before this op family existed: treat like a missing backend
         requested = backend or os.environ.get("TINYMEM_BACKEND")

@@ -1,0 +1,115 @@
+"""Memorization-scoring benchmarks: per-example exact match / first mismatch / matched count / mean NLL
+from final hidden states, and the greedy-decoding ``lm_head + argmax`` of the last position.
+
+Workloads: 1024 sequences x 50 scored tokens through (V=14, d=128) -- TinyMem math -- and
+(V=50257, d=128) -- TinyMem language / GPT-2 vocabulary. Baseline: one plain forward of the LM head that
+materialises all ``[B, T, V]`` logits, then ``log_softmax`` and ``argmax`` (what scoring code usually
+does). On a CPU the language case uses fewer sequences: its baseline needs 2 x B*T*V*4 bytes (20 GB at
+1024 x 50). ``BENCH_SMALL=1`` shrinks everything for a quick look.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from tinymem_fast.ops import registry
+from tinymem_fast.ops.memscore import lm_head_argmax, memscore_examples
+
+from .harness import Row, measure, with_ratios
+
+SUITE = "memscore"
+SEQ = 50
+D = 128
+BASELINE = "full logits + log_softmax + argmax"
+
+
+def _small() -> bool:
+    return os.environ.get("BENCH_SMALL") == "1"
+
+
+def fast_backends(device: str) -> list[str]:
+    names = ["cpp"] if device == "cpu" else ["triton", "cuda"]
+    return [b for b in names if not registry.unavailable_reason(b, torch.device(device))]
+
+
+def _problem(bsz: int, vocab: int, dtype, device: str, seed: int = 0):
+    """Random head and hidden states; about half the targets are the greedy token (hits), so rows mix
+    exact matches and early mismatches as memorization scoring sees them."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(bsz, SEQ, D, generator=g).to(dtype).to(device)
+    w = (torch.randn(vocab, D, generator=g) * (3.0 / D ** 0.5)).to(dtype).to(device)
+    y = torch.randint(0, vocab, (bsz, SEQ), generator=g).to(device)
+    greedy = lm_head_argmax(h.view(-1, D), w).view(bsz, SEQ)
+    # whole rows of hits for a quarter of the examples (memorized), a coin flip per token elsewhere
+    hit = torch.rand(bsz, SEQ, generator=g).to(device) < 0.5
+    hit[: bsz // 4] = True
+    return h, w, torch.where(hit, greedy, y)
+
+
+def baseline(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
+    logits = F.linear(h, w)  # [B, T, V]
+    nll = -torch.log_softmax(logits.float(), -1).gather(-1, y[..., None]).squeeze(-1)
+    match = logits.argmax(-1) == y
+    first = torch.where(~match, torch.arange(y.shape[1], device=y.device), y.shape[1]).min(1).values
+    return match.all(1), first, match.sum(1), nll.mean(1)
+
+
+def bench_examples(device: str, repeats: int, vocab: int, bsz: int, dtype) -> list[Row]:
+    h, w, y = _problem(bsz, vocab, dtype, device)
+    tokens = bsz * SEQ
+    dt = str(dtype).replace("torch.", "")
+    case = f"score {bsz}x{SEQ} tokens, V={vocab}, d={D}, {dt}"
+    logits_gb = tokens * vocab * 4 / 1e9
+    rows = [Row(SUITE, case, BASELINE, *measure(lambda: baseline(h, w, y), device=device, repeats=repeats),
+                note=f"materialises {logits_gb:.2f} GB of fp32 logits (x2 with log_softmax)")]
+    ref = baseline(h, w, y)
+    providers = [("torch", True, False)] + [(b, nll, ee) for b in fast_backends(device)
+                                            for nll, ee in ((True, False), (False, False), (False, True))]
+    for b, need_nll, early in providers:
+        def fn(b=b, need_nll=need_nll, early=early):
+            return memscore_examples(h, w, y, need_nll=need_nll, early_exit=early, backend=b)
+
+        name = b + ("" if need_nll else (", no NLL, early exit" if early else ", no NLL"))
+        t = measure(fn, device=device, repeats=repeats)
+        ex = fn()
+        diff = int((ex.matched != ref[2]).sum())
+        note = f"matched counts differing from baseline: {diff}/{bsz}"
+        if need_nll:
+            note += f"; mean NLL max abs diff {float((ex.mean_nll - ref[3]).abs().max()):.1e}"
+        rows.append(Row(SUITE, case, name, *t, note=note))
+    with_ratios(rows, BASELINE, case)
+    return rows
+
+
+def bench_argmax(device: str, repeats: int, vocab: int, n: int, dtype) -> list[Row]:
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(n, D, generator=g).to(dtype).to(device)
+    w = (torch.randn(vocab, D, generator=g) * (3.0 / D ** 0.5)).to(dtype).to(device)
+    case = f"lm_head+argmax {n} rows, V={vocab}, d={D}, {str(dtype).replace('torch.', '')}"
+    base = "F.linear + argmax"
+    rows = [Row(SUITE, case, base, *measure(lambda: F.linear(h, w).argmax(-1), device=device,
+                                             repeats=repeats))]
+    ref = F.linear(h, w).argmax(-1)
+    for b in ["torch"] + fast_backends(device):
+        t = measure(lambda b=b: lm_head_argmax(h, w, backend=b), device=device, repeats=repeats)
+        same = int((lm_head_argmax(h, w, backend=b) != ref).sum())
+        rows.append(Row(SUITE, case, b, *t, note=f"ids differing from F.linear+argmax: {same}/{n}"))
+    with_ratios(rows, base, case)
+    return rows
+
+
+def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
+    small = _small()
+    gpu = device != "cpu"
+    math_b = 128 if small else 1024
+    lang_b = 16 if small else (1024 if gpu else 128)
+    rows = []
+    dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
+    for dtype in dtypes:
+        rows += bench_examples(device, repeats, 14, math_b, dtype)
+        rows += bench_examples(device, max(2, repeats // 2), 50257, lang_b, dtype)
+        rows += bench_argmax(device, repeats, 50257, 64 if small else 1024, dtype)
+    return rows
