@@ -101,9 +101,11 @@ def run(device: str = "cpu", repeats: int = 1, methods: list[str] | None = None)
     path = os.path.join(CACHE, "rows.jsonl")
     done = _load_done(path)
     rows, n_runs = [], {}
+    from tinymem_fast.methods import method_names
+
     for method, grid in QUICK.items():
-        if methods and method not in methods:
-            continue
+        if (methods and method not in methods) or method not in method_names():
+            continue  # regularizers and fine-tuning: a full training run each (tinymem sweep runs them)
         n_runs[method] = len(grid)
         for point in grid:
             rid = run_id(PRESET, method, make_config(get_method(method), point), 0)

@@ -35,6 +35,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny trained `tinymem train` run folder (GPT-2), shared by the CLI, sweep and report tests."""
+    from tiny_runs import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="session")
 def planted():
     """arch -> (model, clean rows, held-out rows, planted memorized rows); built once per session."""
     from tiny_models import make_planted

@@ -1,32 +1,17 @@
 """`tinymem unlearn` from the command line on a tiny trained run: result rows, saved model, errors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from tiny_runs import cli, train_tiny
 
-TINY_SETS = ["data.num_main=400", "data.num_extra=100", "data.num_test=40", "data.seq_numbers=8",
-             "data.max_ctx=48", "data.prompt_len=8", "data.mem_len=8", "data.num_noise=20",
-             "data.dup_groups=2", "data.dup_base=30", "model.n_layer=2", "train.batch_size=32",
-             "train.max_steps=150", "train.eval_batch_size=64"]
-
-
-def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "tinymem_fast", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _train(out, arch="gpt2"):
-    sets = [a for s in [*TINY_SETS, f"model.arch={arch}"] for a in ("--set", s)]
-    r = _cli("train", "--preset", "quick", "--quiet", "--out", str(out), *sets)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+_cli = cli
+_train = train_tiny
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("run"))
+def trained(tiny_run):
+    return tiny_run
 
 
 # every unlearning method at a tiny setting (Greedy: a few weights; SOU, IG: few gradients / steps)

@@ -254,6 +254,53 @@ def _add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import logging
+
+    from .sweep import parse_shard, plan, run_sweep
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        methods = "all" if args.methods == "all" else [m for m in args.methods.split(",") if m.strip()]
+        runs = plan(args.models, methods, args.grid, args.seeds)
+        shard = parse_shard(args.shard)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tinymem sweep: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for r in runs[shard[0]::shard[1]]:
+            print(r.key, r.method, json.dumps(r.hp, default=str), f"seed={r.seed}")
+        return 0
+    try:
+        s = run_sweep(runs, args.out, shard=shard, device=args.device or "cpu", retain_size=args.retain_size,
+                      progress=not args.quiet)
+    except ValueError as exc:
+        print(f"tinymem sweep: {exc}", file=sys.stderr)
+        return 2
+    print(f"shard {s['shard']}: {s['ran']} runs done, {s['skipped']} already finished; {s['wall_s']:.0f} s "
+          f"({100 * s['bookkeeping_frac']:.1f}% outside the runs); rows in {args.out}/rows")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import os
+
+    from .report import write_report
+    from .sweep import load_rows
+
+    try:
+        rows = [r for src in args.results for r in load_rows(src)]
+        out = args.out or (args.results[0] if os.path.isdir(args.results[0]) else
+                           os.path.dirname(os.path.abspath(args.results[0])))
+        paths = write_report(rows, os.path.join(out, "report") if out == args.results[0] else out,
+                             title=args.title, perp_cutoff=args.perp_cutoff, mem_cutoff=args.mem_cutoff)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tinymem report: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} rows -> {paths['report.md']}, {paths['report.html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinymem", description="Measure and remove memorization in LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -284,6 +331,27 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--out", default="tinymem_results")
     un.add_argument("--quiet", action="store_true")
     un.set_defaults(func=_cmd_unlearn)
+
+    sw = sub.add_parser("sweep", help="methods x grid x seeds over trained runs (resumable, shardable)")
+    sw.add_argument("models", nargs="+", help="`tinymem train` run folders")
+    sw.add_argument("--methods", default="all", help="comma-separated method names, or `all` (17)")
+    sw.add_argument("--grid", default="quick", help="quick, paper, or a YAML/JSON file")
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0])
+    sw.add_argument("--shard", help="i/n: run every n-th run starting at i (torchrun sets it from RANK)")
+    sw.add_argument("--retain-size", type=int, default=2000)
+    sw.add_argument("--device")
+    sw.add_argument("--out", default="tinymem_sweep")
+    sw.add_argument("--dry-run", action="store_true", help="list this shard's runs and exit")
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
+
+    rp = sub.add_parser("report", help="best run per method, table, plots, HTML page")
+    rp.add_argument("results", nargs="+", help="sweep folders or results.jsonl files")
+    rp.add_argument("--out", help="output folder (default: RESULTS/report)")
+    rp.add_argument("--title", default="tinymem_fast: memorization mitigation report")
+    rp.add_argument("--perp-cutoff", type=float, default=500.0)
+    rp.add_argument("--mem-cutoff", type=float, default=100.0)
+    rp.set_defaults(func=_cmd_report)
 
     pr = sub.add_parser("presets", help="list the named run configurations")
     pr.set_defaults(func=_cmd_presets)

@@ -28,6 +28,12 @@ PAPER = {
     "integrated_gradients": expand({"ratio": _NEURON_RATIOS, "ig_steps": [20]}),
     "slimming": expand({"ratio": _NEURON_RATIOS, "epochs": [1, 10, 20]}),
     "hard_concrete": expand({"ratio": _NEURON_RATIOS, "epochs": [1, 10, 20]}),
+    "spectral_norm": expand({"spectral_lambda": [1e-3, 1e-2, 1e-1]}),
+    "loss_truncation": expand({"trunc_drop_frac": [0.01, 0.05, 0.1]}),
+    "example_tied_dropout": [{}],
+    "clean_ft": [{"epochs": 5}],
+    "extra_ft": [{"epochs": 5}],
+    "both_ft": [{"epochs": 5}],
 }
 
 # Quick: the paper's neuron grids; weight-level ratios that a 2-core CPU finishes in seconds to a minute
@@ -46,6 +52,13 @@ QUICK = {
     "integrated_gradients": expand({"ratio": _NEURON_RATIOS}),
     "slimming": expand({"ratio": _NEURON_RATIOS, "epochs": [1, 10, 20]}),
     "hard_concrete": expand({"ratio": _NEURON_RATIOS, "epochs": [1, 10, 20]}),
+    # a regularizer costs a full training run: one setting each
+    "spectral_norm": [{"spectral_lambda": 1e-2}],
+    "loss_truncation": [{"trunc_drop_frac": 0.05}],
+    "example_tied_dropout": [{}],
+    "clean_ft": [{"epochs": 5}],
+    "extra_ft": [{"epochs": 5}],
+    "both_ft": [{"epochs": 5}],
 }
 
 GRIDS = {"paper": PAPER, "quick": QUICK}
