@@ -296,7 +296,8 @@ def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin,
         mask = (pos[None] >= p[i:j, None]) & (pos[None] < ends[i:j, None])
         targets = x[:, lo:hi]
         if parts.fused:
-            h = final_hidden(parts, x[:, : hi - 1])[:, lo - 1: hi - 1].to(parts.head_device)
+            h = final_hidden(parts, x[:, : hi - 1])[:, lo - 1: hi - 1]
+            h = h.to(parts.head_device, parts.head_weight.dtype)  # e.g. under autocast
             dev = h.device
             m_dev = None if uniform else mask.to(dev)
             r = memscore_examples(h, parts.head_weight, targets.to(dev), bias=bias, mask=m_dev,
