@@ -28,11 +28,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
     import os
-    import time
 
-    from .data.dataset import build
     from .presets import apply_overrides, get_preset
-    from .training import build_model_for, train
+    from .training import train_run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -51,23 +49,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         cfg.train.device = args.device
     out = args.out or os.path.join("runs", f"{args.preset}-seed{cfg.seed}")
-    os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
     try:
-        data = build(cfg.data, seed=cfg.seed, workdir=out)
+        result = train_run(cfg, out, preset=args.preset, resume=not args.no_resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"tinymem train: {exc}", file=sys.stderr)
         return 2
-    run_info = {"preset": args.preset, "config": cfg.to_dict(), "data_fingerprint": data.fingerprint(),
-                "data_meta": data.meta}
-    with open(os.path.join(out, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=1)
-    model = build_model_for(data, cfg.model, seed=cfg.seed)
-    result = train(model, data, cfg.train, out, seed=cfg.seed, resume=not args.no_resume,
-                   progress=not args.quiet)
-    result["wall_s"] = time.perf_counter() - t0
-    with open(os.path.join(out, "final_metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
     keys = [k for k in ("avg_acc", "test/acc", "test/ppl_token", "mem", "avg_perc_mem", "asr") if k in result]
     print(f"done in {result['wall_s']:.0f} s: " + ", ".join(f"{k} {result[k]:.3f}" for k in keys))
     print(f"model: {os.path.join(out, 'final')}  metrics: {os.path.join(out, 'metrics.jsonl')}")

@@ -220,21 +220,15 @@ def execute(spec: RunSpec, out: str, cache: _ModelCache, progress: bool = False)
         return finetune(spec.model, FinetuneConfig(data=FINETUNES[spec.method], epochs=spec.hp["epochs"]),
                         os.path.join(out, "runs", spec.key), device=cache.device, progress=progress)
     if spec.method in REGULARIZERS:
-        from .data.dataset import build
         from .methods.finetune import load_run
         from .methods.regularizers import regularizer_row
-        from .training import build_model_for, train
+        from .training import train_run
 
         cfg, _ = load_run(spec.model)
         cfg.train = dataclasses.replace(cfg.train, regularizer=spec.method, device=cache.device, **spec.hp)
+        cfg.seed = spec.seed
         run_dir = os.path.join(out, "runs", spec.key)
-        os.makedirs(run_dir, exist_ok=True)
-        data = build(cfg.data, seed=spec.seed, workdir=run_dir)
-        with open(os.path.join(run_dir, "run.json"), "w") as f:
-            json.dump({"preset": "sweep", "config": cfg.to_dict() | {"seed": spec.seed},
-                       "data_fingerprint": data.fingerprint(), "data_meta": data.meta}, f, indent=1)
-        model = build_model_for(data, cfg.model, seed=spec.seed)
-        train(model, data, cfg.train, run_dir, seed=spec.seed, resume=True, progress=progress)
+        train_run(cfg, run_dir, preset=f"sweep:{spec.method}", progress=progress)
         return regularizer_row(run_dir, spec.model)
     cfg, data, base, forget = cache.get(spec.model)
     model = load_model(os.path.join(spec.model, "final"), device=cache.device)

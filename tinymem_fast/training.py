@@ -345,3 +345,23 @@ def _summary(m: dict) -> str:
 
 def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
+
+
+def train_run(cfg, out: str, *, preset: str = "custom", resume: bool = True, progress: bool = True) -> dict:
+    """A whole `tinymem train` run from a RunConfig: data (built into ``out``), run.json, model, training
+    (resuming from the newest checkpoint), final_metrics.json. Returns the final metrics."""
+    from .data.dataset import build
+
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    data = build(cfg.data, seed=cfg.seed, workdir=out)
+    run_info = {"preset": preset, "config": cfg.to_dict(), "data_fingerprint": data.fingerprint(),
+                "data_meta": data.meta}
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(run_info, f, indent=1)
+    model = build_model_for(data, cfg.model, seed=cfg.seed)
+    result = train(model, data, cfg.train, out, seed=cfg.seed, resume=resume, progress=progress)
+    result["wall_s"] = time.perf_counter() - t0
+    with open(os.path.join(out, "final_metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
