@@ -287,6 +287,46 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pythia(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .experiments import append_row
+    from .methods import get_method, method_names
+    from .pythia import PythiaConfig, run_protocol
+    from .scoring import ScoringInputError, load_sequences, to_matrix
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = PythiaConfig(prefix_len=args.prefix_len, suffix_len=args.suffix_len, dtype=args.dtype,
+                       device=args.device, device_map=args.device_map, retain_size=args.retain_size,
+                       batch_size=args.batch_size, seed=args.seed)
+    try:
+        names = method_names() if args.methods == "all" else [n for n in args.methods.split(",") if n.strip()]
+        methods = list(dict.fromkeys(get_method(n.strip()) for n in names)) if args.methods else []
+        hps = _method_hparams(methods, args.hp, False)
+        need = cfg.prefix_len + cfg.suffix_len
+        memorized = to_matrix(load_sequences(args.memorized), need)
+        clean_seqs = load_sequences(args.clean)
+        clean = to_matrix(clean_seqs, min(len(s) for s in clean_seqs))
+        base, rows = run_protocol(args.model, memorized, clean, [m.name for m in methods], hps, cfg,
+                                  progress=not args.quiet)
+    except (ValueError, FileNotFoundError, ScoringInputError) as exc:
+        print(f"tinymem pythia: {exc}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "base.json"), "w") as f:
+        json.dump(base, f, indent=1)
+    print(f"base: {base['mem']:.2f}% of {base['n_sequences']} memorized, "
+          f"perplexity {base['test/ppl_token']:.2f}")
+    for row in rows:
+        append_row(row, args.out)
+        print(f"{row['method']}: {row['mem_before']:.2f}% -> {row['mem_after']:.2f}% memorized, perplexity "
+              f"{row['utility_after']['ppl_token']:.2f} ({100 * row['d_util']:+.1f}%), "
+              f"{row['time_method_s']:.1f} s")
+    print(f"results in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinymem", description="Measure and remove memorization in LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -338,6 +378,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--perp-cutoff", type=float, default=500.0)
     rp.add_argument("--mem-cutoff", type=float, default=100.0)
     rp.set_defaults(func=_cmd_report)
+
+    py = sub.add_parser("pythia", help="the Pythia protocol: base stats + methods on any local HF checkpoint")
+    py.add_argument("model", help="local Hugging Face causal LM folder (e.g. pythia-2.8b-deduped)")
+    py.add_argument("--memorized", required=True, help="memorized sequences (.jsonl/.npy/.pt), prefix+suffix")
+    py.add_argument("--clean", required=True, help="clean sequences: perplexity and the retain set")
+    py.add_argument("--methods", default="", help="comma-separated methods or `all` (empty: base stats only)")
+    py.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                    help="as for `tinymem unlearn` (method:key=value scopes one method)")
+    py.add_argument("--prefix-len", type=int, default=32)
+    py.add_argument("--suffix-len", type=int, default=40)
+    py.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    py.add_argument("--device")
+    py.add_argument("--device-map", help="e.g. auto: shard a model that does not fit one GPU")
+    py.add_argument("--retain-size", type=int, default=1632)
+    py.add_argument("--batch-size", type=int, default=32)
+    py.add_argument("--seed", type=int, default=0)
+    py.add_argument("--out", default="tinymem_pythia")
+    py.add_argument("--quiet", action="store_true")
+    py.set_defaults(func=_cmd_pythia)
 
     pr = sub.add_parser("presets", help="list the named run configurations")
     pr.set_defaults(func=_cmd_presets)
