@@ -200,6 +200,26 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_checkpoints(args: argparse.Namespace) -> int:
+    from .checkpoints import expand_checkpoints, score_checkpoints, write_outputs
+    from .scoring import load_sequences, load_tokenizer, to_matrix
+
+    try:
+        cks = expand_checkpoints(([args.model] if args.model else []) + args.checkpoints)
+        tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        ids = to_matrix(load_sequences(args.input, tok), args.prefix_len + args.suffix_len)
+        records = score_checkpoints(cks, ids, args.prefix_len, args.suffix_len, dtype=args.dtype,
+                                    device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tinymem score: {exc}", file=sys.stderr)
+        return 2
+    paths = write_outputs(records, args.out)
+    for r in records:
+        print(f"step {r['step']}: {r['n_exact']}/{r['n']} exact ({r['pct_exact']:.2f}%)")
+    print(f"results in {paths['jsonl']}, plot {paths['png']}")
+    return 0
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -207,6 +227,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .scoring import run_command
 
     logging.basicConfig(level=logging.WARNING)
+    if getattr(args, "checkpoints", None):
+        return _score_checkpoints(args)
+    if not args.model:
+        print(f"tinymem {args.command}: give a model folder (or --checkpoints DIR...)", file=sys.stderr)
+        return 2
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         s = run_command(args, args.command)
@@ -222,7 +247,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
-    sp.add_argument("model", help="a local Hugging Face causal LM folder")
+    sp.add_argument("model", nargs="?", help="a local Hugging Face causal LM folder")
     sp.add_argument("--input", required=True,
                     help='token sequences: .jsonl ({"ids": [...]} or {"text": "..."} per line), '
                          '.npy or .pt ([N, L] integers)')
@@ -435,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--verify", nargs="?", const="margin", default="none", choices=("none", "margin", "full"),
                     help="re-decode near-tie rows (margin, the default when given) or all rows (full)")
     sc.add_argument("--nll", action="store_true", help="also the mean NLL of each suffix")
+    sc.add_argument("--checkpoints", nargs="+", metavar="DIR",
+                    help="score the input under each checkpoint (model folders, or a `tinymem train` run "
+                         "folder for all of its checkpoints) and plot memorization over training")
     sc.set_defaults(func=_cmd_score)
 
     ex = sub.add_parser("extract", help="greedy-decode the suffix of each sequence from its prefix")
