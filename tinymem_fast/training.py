@@ -104,7 +104,13 @@ def build_model_for(data, model_cfg, seed: int = 0):
         ids = dict(bos_id=mathdata.BOS, eos_id=mathdata.EOS)
     else:
         ids = dict(bos_id=data.pad_id, eos_id=data.pad_id)
-    return build_model(model_cfg, data.vocab_size, data.config.max_ctx, seed=seed, **ids)
+    vocab = data.vocab_size
+    if model_cfg.vocab_size is not None:
+        if model_cfg.vocab_size < vocab:
+            raise ValueError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the data's vocabulary "
+                             f"({vocab} tokens)")
+        vocab = model_cfg.vocab_size
+    return build_model(model_cfg, vocab, data.config.max_ctx, seed=seed, **ids)
 
 
 def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool):

@@ -22,12 +22,16 @@ class ModelConfig:
     d_mlp: int = 512
     activation: str = "relu"
     arch: str = "gpt2"   # gpt2 (TinyMem, the paper's), or gpt_neox / llama of the same sizes
+    vocab_size: int | None = None   # head/embedding rows; None = the data's vocabulary (e.g. 50257 = GPT-2's
+                                    # head over a smaller tokenizer, for scoring at a realistic vocabulary)
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown model arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.n_layer < 1 or self.d_model < 1 or self.d_mlp < 1:
             raise ValueError("n_layer, d_model and d_mlp must be positive")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"model.vocab_size must be positive, got {self.vocab_size}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
 
