@@ -167,6 +167,7 @@ def _write_atomic(path: str, obj) -> None:
             json.dump(obj, f, default=float)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
