@@ -8,7 +8,8 @@ weights would fail every row at its first token and flatter early exits):
   prefix/suffix = the preset's prompt/window lengths; without a trained model, a tiny GPT-2 trained here
   for a few seconds on planted random rows (``planted``).
 * ``language``: a trained TinyMem language model, only when ``BENCH_LANGUAGE_MODEL=DIR`` names a finished
-  ``tinymem train`` folder (``DIR/run.json`` + ``DIR/final``); prefix/suffix 50/50.
+  ``tinymem train`` folder (``DIR/run.json`` + ``DIR/final``); prefix/suffix = its prompt/window lengths
+  (e.g. ``--preset quick-language-noise --set model.vocab_size=50257``: a 50,257-row head, 16/16).
 * ``neox70m``: a GPTNeoX of about 70M parameters (Pythia-70m shape, V=50304) with random weights on random
   tokens: extraction only, prefix/suffix 50/50 and the Pythia protocol's 32/40.
 * memory (GPU only): peak of ``memscore_examples`` vs materialising the logits at V=50257.
@@ -131,8 +132,11 @@ def language_workload(n: int):
     if not run_dir:
         return None
     model, data = _tinymem_run(run_dir)
-    p, k = 50, 50
-    name = f"language ({os.path.basename(os.path.abspath(run_dir))})"
+    # the run's own prompt/window: its model has memorized windows of that length (50/50 needs a run
+    # trained with data.max_ctx >= 100, data.prompt_len=50, data.mem_len=50)
+    p, k = data.config.prompt_len, data.config.mem_len
+    v = model.get_output_embeddings().weight.shape[0]
+    name = f"language ({os.path.basename(os.path.abspath(run_dir))}, V={v})"
     return name, model, _training_rows(data, n)[:, : p + k], p, k
 
 
