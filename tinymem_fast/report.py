@@ -38,8 +38,22 @@ def best_runs(rows: list[dict], perp_cutoff: float = 500.0, mem_cutoff: float = 
     return best
 
 
-def _fmt_hp(hp: dict) -> str:
-    keep = {k: v for k, v in hp.items() if k not in ("batch_size", "loss_on_pad", "seed")}
+def _defaults(method: str) -> dict:
+    import dataclasses
+
+    from .methods import get_method
+
+    try:
+        return dataclasses.asdict(get_method(method).config_cls())
+    except ValueError:  # regularizers and fine-tuning: their settings are all shown
+        return {}
+
+
+def _fmt_hp(hp: dict, method: str = "") -> str:
+    """The settings that say what the run was: ratio and epochs always, others where not the default."""
+    default = _defaults(method)
+    keep = {k: v for k, v in hp.items() if k not in ("batch_size", "loss_on_pad", "seed", "progress")
+            and (k in ("ratio", "epochs") or k not in default or default[k] != v)}
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items())
 
 
@@ -53,7 +67,8 @@ def table(rows: list[dict], best: dict) -> list[dict]:
         uk = _util_key(r)
         out.append({
             "setting": setting, "method": method, "category": r.get("category", ""),
-            "runs": n_runs[(setting, method)], "settings": _fmt_hp(r.get("grid_point") or r["hparams"]),
+            "runs": n_runs[(setting, method)],
+            "settings": _fmt_hp(r.get("grid_point") or r["hparams"], method),
             "mem_before": r["mem_before"], "mem_after": r["mem_after"], "d_mem": r["d_mem"],
             "util_name": "accuracy %" if uk == "acc" else "perplexity",
             "util_before": r["utility_before"][uk] * (100 if uk == "acc" else 1),
@@ -62,6 +77,10 @@ def table(rows: list[dict], best: dict) -> list[dict]:
         })
     out.sort(key=lambda t: (t["setting"], t["score"]))
     return out
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f}" if x >= 1 else f"{x:.2f}"
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -76,7 +95,7 @@ def markdown_table(records: list[dict]) -> str:
         for t in recs:
             lines.append(f"| {t['method']} | {t['category']} | {t['runs']} | {t['settings']} | "
                          f"{t['mem_after']:.1f} | {100 * t['d_mem']:+.0f}% | {t['util_after']:.2f} | "
-                         f"{100 * t['d_util']:+.2f}% | {t['score']:.3f} | {t['seconds']:.1f} |")
+                         f"{100 * t['d_util']:+.2f}% | {t['score']:.3f} | {_secs(t['seconds'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -189,7 +208,7 @@ def _html(records: list[dict], images: dict[str, bytes], title: str) -> str:
         for t in recs:
             cells = [t["method"], t["category"], t["runs"], t["settings"], f"{t['mem_after']:.1f}",
                      f"{100 * t['d_mem']:+.0f}%", f"{t['util_after']:.2f}", f"{100 * t['d_util']:+.2f}%",
-                     f"{t['score']:.3f}", f"{t['seconds']:.1f}"]
+                     f"{t['score']:.3f}", _secs(t["seconds"])]
             parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     for name, data in images.items():
