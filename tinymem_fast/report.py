@@ -151,8 +151,7 @@ def epochs_series(rows: list[dict], best: dict) -> dict[str, list[tuple[float, f
         info = b.get("method_info") or {}
         if info.get("history"):
             key = b["mem_metric"]
-            pts = [(h.get("epoch", 0.0) - info["history"][0].get("epoch", 0.0), h[key])
-                   for h in info["history"] if key in h]
+            pts = [(float(h.get("epoch", i + 1)), h[key]) for i, h in enumerate(info["history"]) if key in h]
             series[f"{m}"] = [(0.0, b["mem_before"]), *pts]
             continue
         hp = b.get("grid_point") or {}
