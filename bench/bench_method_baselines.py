@@ -91,7 +91,7 @@ def sou_rank1(model, inputs: UnlearnInputs, cfg: SecondOrderConfig):
             if tail_inv is not None:
                 d = torch.cat([d, tail_inv.diagonal(dim1=1, dim2=2).reshape(-1)])
             sal = t.detach().float().reshape(-1) ** 2 / (2 * d)
-            mask = top_k_mask(sal, num_dropped(t.numel(), 0.01)).view(t.shape)
+            mask = top_k_mask(sal, num_dropped(t.numel(), cfg.ratio)).view(t.shape)
             t.masked_fill_(mask, 0)
             masks.append(mask)
     return masks

@@ -115,6 +115,14 @@ def _parse_hp(items: list[str]) -> dict:
     return out
 
 
+def _methods_arg(text: str) -> list:
+    """Registered unlearning methods named by ``a,b,c`` or ``all`` (each once, in the order given)."""
+    from .methods import get_method, method_names
+
+    names = method_names() if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    return list(dict.fromkeys(get_method(n) for n in names))
+
+
 def _method_hparams(methods, items: list[str], quick_defaults: bool) -> dict[str, dict]:
     """Per method, its hyperparameters: ``key=value`` goes to every listed method that has the setting,
     ``method:key=value`` to that method only; a key no listed method knows is an error."""
@@ -150,14 +158,12 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
 
     from .data.dataset import build
     from .experiments import NothingMemorized, append_row, forget_set, stats, unlearn
-    from .methods import get_method, method_names
     from .models import load_model, save_model
     from .presets import RunConfig, apply_overrides, get_preset
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        names = method_names() if args.method == "all" else [n for n in args.method.split(",") if n.strip()]
-        methods = list(dict.fromkeys(get_method(n.strip()) for n in names))
+        methods = _methods_arg(args.method)
         run_dir = args.model
         info_path = os.path.join(run_dir, "run.json")
         model_path = os.path.join(run_dir, "final") if os.path.exists(info_path) else run_dir
@@ -317,7 +323,6 @@ def _cmd_pythia(args: argparse.Namespace) -> int:
     import os
 
     from .experiments import append_row
-    from .methods import get_method, method_names
     from .pythia import PythiaConfig, run_protocol
     from .scoring import ScoringInputError, load_sequences, to_matrix
 
@@ -326,8 +331,7 @@ def _cmd_pythia(args: argparse.Namespace) -> int:
                        device=args.device, device_map=args.device_map, retain_size=args.retain_size,
                        batch_size=args.batch_size, seed=args.seed)
     try:
-        names = method_names() if args.methods == "all" else [n for n in args.methods.split(",") if n.strip()]
-        methods = list(dict.fromkeys(get_method(n.strip()) for n in names)) if args.methods else []
+        methods = _methods_arg(args.methods)
         hps = _method_hparams(methods, args.hp, False)
         need = cfg.prefix_len + cfg.suffix_len
         memorized = to_matrix(load_sequences(args.memorized), need)

@@ -193,18 +193,11 @@ class _ModelCache:
 
     def get(self, run_dir: str):
         if run_dir not in self.cache:
-            from .data.dataset import build
             from .experiments import forget_set, stats
-            from .methods.finetune import load_run
+            from .methods.finetune import load_run_data
             from .models import load_model
 
-            cfg, fingerprint = load_run(run_dir)
-            tok = os.path.join(run_dir, "tokenizer")
-            if cfg.data.kind == "language" and not cfg.data.tokenizer and os.path.isdir(tok):
-                cfg.data.tokenizer = tok
-            data = build(cfg.data, seed=cfg.seed)
-            if fingerprint and data.fingerprint() != fingerprint:
-                raise ValueError(f"rebuilt data of {run_dir!r} differs from the data it was trained on")
+            cfg, data = load_run_data(run_dir)
             model = load_model(os.path.join(run_dir, "final"), device=self.device)
             base, forget = stats(model, data), forget_set(model, data)
             self.cache[run_dir] = (cfg, data, base, forget)

@@ -90,6 +90,20 @@ def load_run(run_dir: str):
     return cfg, info.get("data_fingerprint")
 
 
+def load_run_data(run_dir: str):
+    """(RunConfig, TinyMemData) of a `tinymem train` folder: the data rebuilt with the run's tokenizer and
+    checked against the fingerprint recorded at training time."""
+    run_cfg, fingerprint = load_run(run_dir)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    if run_cfg.data.kind == "language" and not run_cfg.data.tokenizer and os.path.isdir(tok_dir):
+        run_cfg.data.tokenizer = tok_dir
+    data = build(run_cfg.data, seed=run_cfg.seed)
+    if fingerprint and data.fingerprint() != fingerprint:
+        raise ValueError(f"the rebuilt dataset ({data.fingerprint()}) differs from the one {run_dir!r} was "
+                         f"trained on ({fingerprint})")
+    return run_cfg, data
+
+
 # --- data selection -----------------------------------------------------------------------------
 
 
@@ -180,14 +194,7 @@ def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None
 
     cfg.validate()
     run_dir, ckpt = resolve_checkpoint(path)
-    run_cfg, fingerprint = load_run(run_dir)
-    tok_dir = os.path.join(run_dir, "tokenizer")
-    if run_cfg.data.kind == "language" and not run_cfg.data.tokenizer and os.path.isdir(tok_dir):
-        run_cfg.data.tokenizer = tok_dir
-    data = build(run_cfg.data, seed=run_cfg.seed)
-    if fingerprint and data.fingerprint() != fingerprint:
-        raise ValueError(f"the rebuilt dataset ({data.fingerprint()}) differs from the one {run_dir!r} was "
-                         f"trained on ({fingerprint})")
+    run_cfg, data = load_run_data(run_dir)
     if run_cfg.train.regularizer:
         log.warning("%s was trained with %s; fine-tuning continues without it", run_dir,
                     run_cfg.train.regularizer)

@@ -14,14 +14,17 @@ exactly 0 for every input. Modules are reached only through :func:`~tinymem_fast
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ...models.adapters import MLPLayer, mlp_layers
 from ...ops.masked_subnet import layout_of, num_dropped
+from ...training import token_loss
 
 
 def top_neurons(attribution: Tensor, ratio: float) -> dict[int, Tensor]:
@@ -93,3 +96,50 @@ def mlp_activation_hook(model, fn: Callable[[int, Tensor], None]) -> Iterator[No
     finally:
         for h in handles:
             h.remove()
+
+
+def fit_neuron_gates(model, forget_ids: Tensor, forget_pad: Tensor, param: Tensor,
+                     gates: Callable[[], Tensor], penalty: Callable[[], Tensor], *, weight: float,
+                     epochs: int, batch_size: int, lr: float, stop_loss: float, loss_on_pad: bool,
+                     desc: str, progress: bool = False) -> int:
+    """Fit per-neuron gates on the frozen model (Slimming, Hard Concrete): each step multiplies every
+    MLP activation by ``gates()`` (``[n_layer, I]``) and minimises ``L_F + weight * penalty()`` with Adam
+    on ``param`` alone. Gradients are zeroed every step, and training ends (every epoch, not just the
+    current one) as soon as the penalty falls below ``stop_loss``. Returns the optimizer steps taken;
+    the model's requires_grad flags are restored."""
+    if batch_size < 1 or epochs < 1:
+        raise ValueError("batch_size and epochs must be >= 1")
+    device = next(model.parameters()).device
+    opt = torch.optim.Adam([param], lr=lr)
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cur: dict[str, Tensor] = {}
+
+    def scale(index, act):
+        return act * cur["z"][index].to(act.dtype)
+
+    n = forget_ids.shape[0]
+    steps = 0
+    bar = tqdm(total=epochs * math.ceil(n / batch_size), desc=desc, disable=not progress)
+    try:
+        with mlp_activation_hook(model, scale):
+            for _ in range(epochs):
+                for lo in range(0, n, batch_size):
+                    x = forget_ids[lo: lo + batch_size].to(device)
+                    pad = forget_pad[lo: lo + batch_size].to(device)
+                    cur["z"] = gates()
+                    pen = penalty()
+                    loss = token_loss(model, x, pad, loss_on_pad)[0].mean() + weight * pen
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    bar.update()
+                    if pen.item() < stop_loss:
+                        return steps
+    finally:
+        bar.close()
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+    return steps

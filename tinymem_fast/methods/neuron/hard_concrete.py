@@ -18,13 +18,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ...models.adapters import mlp_layers
 from ...ops.masked_subnet import check_ratio
-from ...training import token_loss
 from ..registry import UnlearnInputs, register
-from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
+from .ablation import ablate_neurons, fit_neuron_gates, top_neurons
 
 
 @dataclass
@@ -72,51 +70,17 @@ def l0_penalty(log_alpha: torch.Tensor, cfg: HardConcreteConfig) -> torch.Tensor
 
 def hard_concrete_gates(model, inputs: UnlearnInputs, cfg: HardConcreteConfig) -> tuple[torch.Tensor, int]:
     """Train the gates; returns (sigmoid(log_alpha) ``[n_layer, I]`` on CPU, optimizer steps taken)."""
-    if cfg.batch_size < 1 or cfg.epochs < 1:
-        raise ValueError("batch_size and epochs must be >= 1")
     device = next(model.parameters()).device
     layers = mlp_layers(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     init = math.log(cfg.hc_init_p / (1 - cfg.hc_init_p))
     log_alpha = (init + 0.01 * torch.randn(len(layers), layers[0].intermediate_size, generator=gen))
     log_alpha = log_alpha.to(device).requires_grad_(True)
-    opt = torch.optim.Adam([log_alpha], lr=cfg.lr)
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gate = {}
-
-    def scale(index, act):
-        return act * gate["z"][index].to(act.dtype)
-
-    n = inputs.forget_ids.shape[0]
-    steps = 0
-    try:
-        with mlp_activation_hook(model, scale):
-            bar = tqdm(total=cfg.epochs * math.ceil(n / cfg.batch_size), desc="hard concrete",
-                       disable=not cfg.progress)
-            for _ in range(cfg.epochs):
-                stop = False
-                for lo in range(0, n, cfg.batch_size):
-                    x = inputs.forget_ids[lo: lo + cfg.batch_size].to(device)
-                    pad = inputs.forget_pad[lo: lo + cfg.batch_size].to(device)
-                    gate["z"] = sample_gate(log_alpha, cfg, gen)
-                    penalty = l0_penalty(log_alpha, cfg)
-                    loss = token_loss(model, x, pad, cfg.loss_on_pad)[0].mean() + cfg.l0_lambda * penalty
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    bar.update()
-                    if penalty.item() < cfg.stop_loss:
-                        stop = True
-                        break
-                if stop:  # ends training, not just the epoch's batch loop
-                    break
-            bar.close()
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
+    steps = fit_neuron_gates(model, inputs.forget_ids, inputs.forget_pad, log_alpha,
+                             lambda: sample_gate(log_alpha, cfg, gen), lambda: l0_penalty(log_alpha, cfg),
+                             weight=cfg.l0_lambda, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                             stop_loss=cfg.stop_loss, loss_on_pad=cfg.loss_on_pad, desc="hard concrete",
+                             progress=cfg.progress)
     return torch.sigmoid(log_alpha.detach()).cpu(), steps
 
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ...models.adapters import mlp_layers
-from ...training import token_loss
 from ..registry import UnlearnInputs, register
-from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
+from .ablation import ablate_neurons, fit_neuron_gates, top_neurons
 
 
 @dataclass
@@ -37,37 +36,10 @@ def slimming_coefficients(model, inputs: UnlearnInputs, cfg: SlimmingConfig) -> 
     device = next(model.parameters()).device
     layers = mlp_layers(model)
     coef = torch.ones(len(layers), layers[0].intermediate_size, device=device, requires_grad=True)
-    opt = torch.optim.Adam([coef], lr=cfg.lr)
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    def scale(index, act):
-        return act * coef[index].clamp(0, 1).to(act.dtype)
-
-    n = inputs.forget_ids.shape[0]
-    steps = 0
-    try:
-        with mlp_activation_hook(model, scale):
-            for _ in range(cfg.epochs):
-                stop = False
-                for lo in range(0, n, cfg.batch_size):
-                    x = inputs.forget_ids[lo: lo + cfg.batch_size].to(device)
-                    pad = inputs.forget_pad[lo: lo + cfg.batch_size].to(device)
-                    sparsity = coef.abs().mean()
-                    loss = token_loss(model, x, pad, cfg.loss_on_pad)[0].mean() + cfg.l1_lambda * sparsity
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    if sparsity.item() < cfg.stop_loss:
-                        stop = True
-                        break
-                if stop:  # ends training, not just the epoch's batch loop
-                    break
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
+    steps = fit_neuron_gates(model, inputs.forget_ids, inputs.forget_pad, coef, lambda: coef.clamp(0, 1),
+                             lambda: coef.abs().mean(), weight=cfg.l1_lambda, epochs=cfg.epochs,
+                             batch_size=cfg.batch_size, lr=cfg.lr, stop_loss=cfg.stop_loss,
+                             loss_on_pad=cfg.loss_on_pad, desc="slimming", progress=cfg.progress)
     return coef.detach().clamp(0, 1).cpu(), steps
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ...ops.masked_subnet import check_ratio, num_dropped
 from ...training import token_loss
 from ..registry import UnlearnInputs, register
+from ..sampling import Cycler
 
 
 @dataclass
@@ -51,24 +52,6 @@ class GreedyConfig:
             raise ValueError(f"weights_per_step must be >= 1, got {self.weights_per_step}")
 
 
-class _Cycler:
-    """Endless reshuffled passes over ``n`` indices, one generator per side."""
-
-    def __init__(self, n: int, gen: torch.Generator):
-        self.n, self.gen, self.order, self.pos = n, gen, torch.empty(0, dtype=torch.long), 0
-
-    def take(self, k: int) -> torch.Tensor:
-        out = []
-        while k > 0:
-            if self.pos >= self.order.numel():
-                self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
-            part = self.order[self.pos: self.pos + k]
-            self.pos += part.numel()
-            k -= part.numel()
-            out.append(part)
-        return torch.cat(out)
-
-
 class GreedyBatches:
     """Yields (ids, pad, y) batches: y = +1 for forget rows, -1 for retain rows."""
 
@@ -83,9 +66,9 @@ class GreedyBatches:
         self.y = torch.cat([torch.ones(nf), -torch.ones(nr)])
         self.nf = nf
         if cfg.sampling == "balanced":
-            self.f, self.r = _Cycler(nf, gen), _Cycler(nr, gen)
+            self.f, self.r = Cycler(nf, gen), Cycler(nr, gen)
         else:
-            self.all = _Cycler(nf + nr, gen)
+            self.all = Cycler(nf + nr, gen)
 
     def next(self):
         b = self.cfg.batch_size

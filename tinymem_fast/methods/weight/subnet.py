@@ -20,6 +20,7 @@ from ...models.adapters import SubnetWrapping
 from ...ops.masked_subnet import SubnetSGD, check_ratio
 from ...training import token_loss
 from ..registry import UnlearnInputs, register
+from ..sampling import Cycler
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +53,6 @@ def _mean_loss(model, ids, pad, loss_on_pad):
     return seq.mean()
 
 
-class _Cycler:
-    """Endless reshuffled passes over ``n`` rows, ``size`` at a time (a seeded generator of its own)."""
-
-    def __init__(self, n: int, size: int, seed: int):
-        self.n, self.size = n, size
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
-
-    def next(self) -> torch.Tensor:
-        out = []
-        need = self.size
-        while need:
-            if self.pos == self.n:
-                self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-            take = min(need, self.n - self.pos)
-            out.append(self.perm[self.pos: self.pos + take])
-            self.pos += take
-            need -= take
-        return torch.cat(out)
-
-
 def _run(model, inputs: UnlearnInputs, cfg: SubnetConfig, balanced: bool) -> dict:
     check_ratio(cfg.ratio)
     device = next(model.parameters()).device
@@ -89,7 +69,8 @@ def _run(model, inputs: UnlearnInputs, cfg: SubnetConfig, balanced: bool) -> dic
         fb = cfg.forget_batch_size or max(1, cfg.batch_size // 2)
         rb = cfg.retain_batch_size or max(1, cfg.batch_size // 2)
         per_epoch = math.ceil((nf + nr) / cfg.batch_size)
-        fcyc, rcyc = _Cycler(nf, fb, cfg.seed), _Cycler(nr, rb, cfg.seed + 1)
+        fcyc = Cycler(nf, torch.Generator().manual_seed(cfg.seed))
+        rcyc = Cycler(nr, torch.Generator().manual_seed(cfg.seed + 1))
         alpha = cfg.loss_weight
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"loss_weight must be in [0, 1], got {alpha}")
@@ -103,7 +84,7 @@ def _run(model, inputs: UnlearnInputs, cfg: SubnetConfig, balanced: bool) -> dic
     desc = "balanced_subnet" if balanced else "subnet"
     for step in tqdm(range(steps), desc=desc, disable=not cfg.progress):
         if balanced:
-            fi, ri = fcyc.next(), rcyc.next()
+            fi, ri = fcyc.take(fb), rcyc.take(rb)
             lf = _mean_loss(model, inputs.forget_ids[fi].to(device), inputs.forget_pad[fi].to(device),
                             cfg.loss_on_pad)
             lr_ = _mean_loss(model, inputs.retain_ids[ri].to(device), inputs.retain_pad[ri].to(device),
