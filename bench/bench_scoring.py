@@ -262,7 +262,7 @@ def extract_rows(name, model, ids, p, k, device, repeats, batch, say=print) -> l
                   slow=True)
         rows.append(Row(SUITE, case, f"extract [{b}]", *t, baseline=BASE, ratio=rows[0].median_ms / t[0],
                         note=f"mean fractional {float(e.fractional.mean()):.3f}; {int(e.decoded.sum())}/{n} "
-                             "rows decoded (the rest prescreened as memorized); "
+                             "rows decoded step by step (the rest accepted as drafts); "
                              + ("tokens identical to generate" if same else "TOKENS DIFFER")))
         say(f"  {case} extract[{b}]: {t[0]:.1f} ms")
     return rows

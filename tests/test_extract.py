@@ -161,3 +161,20 @@ def test_prescreen_skips_only_confidently_memorized_rows():
         assert torch.equal(getattr(fast, f), getattr(slow, f)), f
     # a margin no gap reaches: every row is decoded
     assert bool(extract(model, ids[:4], P, K, tie_margin=float("inf")).decoded.all())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_draft_acceptance_equals_plain_decoding_on_partially_memorized_rows(arch):
+    """Rows that follow their reference for a while and then leave it (a planted row with one suffix token
+    changed) must not be accepted as drafts, and every row's tokens equal plain step-by-step decoding."""
+    model, _, _ = planted(arch)
+    ids = probe_rows(arch).clone()
+    ids[:4, P + K // 2] = (ids[:4, P + K // 2] + 1) % model.config.vocab_size  # break half-way
+    fast = extract(model, ids, P, K, batch_size=5)
+    slow = extract(model, ids, P, K, batch_size=5, prescreen=False)
+    assert not bool(fast.decoded[4:8].any()) and bool(fast.decoded[:4].all())
+    for f in ("tokens", "matched", "first_mismatch", "exact"):
+        assert torch.equal(getattr(fast, f), getattr(slow, f)), f
+    assert torch.equal(fast.tokens, generate(model, ids[:, :P], K))
+    with pytest.raises(ValueError, match="draft needs a reference"):
+        greedy_decode(model, ids[:, :P], K, draft=True)

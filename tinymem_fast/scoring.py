@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .ops.greedy import CausalLMParts, final_hidden, greedy_decode, head_bias, split_causal_lm
+from .ops.greedy import CausalLMParts, final_hidden, greedy_decode, head_bias, split_causal_lm, top2_margin
 from .ops.memscore import memscore_examples
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class ExtractResult:
     reference suffix, position by position over all ``k`` (with ``stop_on_mismatch``: the tokens before
     the first miss). ``fractional`` = matched / k, the Pythia-style score (memorized iff 1).
     ``first_mismatch``: first differing position (``k`` when none); ``exact``: all ``k`` equal.
-    ``decoded``: rows that went through the decoder (the others were found exactly memorized, with no
-    near-tie, by the teacher-forced prescreen, and their tokens are their reference suffix).
+    ``decoded``: rows that went through the decoder step by step (the others were found exactly memorized,
+    with no near-tie, by trying their reference as a draft, and their tokens are their reference suffix).
     """
 
     tokens: torch.Tensor
@@ -96,7 +96,7 @@ class ExtractResult:
     exact: torch.Tensor
     suffix_len: int
     stopped: bool = False
-    decoded: torch.Tensor | None = None  # [N] bool: rows actually decoded (the others prescreened)
+    decoded: torch.Tensor | None = None  # [N] bool: rows decoded step by step (the others accepted as drafts)
 
     @property
     def fractional(self) -> torch.Tensor:
@@ -201,35 +201,6 @@ def _torch_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     return reduce_scores(TokenScores(match, nll, need_nll), mask)
 
 
-def _rounded_logits(parts: CausalLMParts, h: torch.Tensor, bias) -> torch.Tensor:
-    """Logits as :mod:`~tinymem_fast.ops.memscore` defines them: fp32 accumulation, one rounding to the
-    model dtype."""
-    w = parts.head_weight
-    lg = h.float() @ w.float().t()
-    if bias is not None:
-        lg = lg + bias.float()
-    return lg.to(w.dtype).float() if w.dtype != torch.float32 else lg
-
-
-@torch.no_grad()
-def _top2_margin(parts: CausalLMParts, h: torch.Tensor, keep: torch.Tensor, bias) -> torch.Tensor:
-    """Smallest top-1 minus top-2 logit gap per row over the positions in ``keep`` ``[B, T]`` (inf when
-    none). Logits are built a few rows at a time to bound memory."""
-    b, t, _ = h.shape
-    out = torch.full((b,), float("inf"), device=h.device)
-    rows = max(1, (1 << 24) // max(1, t * parts.vocab_size))
-    for r0 in range(0, b, rows):
-        if parts.fused:
-            lg = _rounded_logits(parts, h[r0: r0 + rows], bias)
-        else:
-            lg = h[r0: r0 + rows].float()  # the fallback path passes logits in place of hidden states
-        top = lg.topk(2, dim=-1).values
-        gap = top[..., 0] - top[..., 1]
-        gap = torch.where(keep[r0: r0 + rows], gap, torch.full_like(gap, float("inf")))
-        out[r0: r0 + rows] = gap.min(1).values
-    return out
-
-
 def score_exact(model, ids, prefix_len, suffix_len, *, batch_size: int = 64, verify: bool | str = False,
                 tie_margin: float | None = None, need_nll: bool = False, suppress_ids=None,
                 backend: str | None = None, progress: bool = False) -> ScoreResult:
@@ -320,7 +291,7 @@ def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin,
             sel = (exact[i:j].nonzero().reshape(-1) if margin_of_exact_only
                    else torch.arange(j - i)).to(dev)
             if sel.numel():
-                gap = _top2_margin(parts, h[sel], keep[sel], bias).cpu()
+                gap = top2_margin(parts, h[sel], keep[sel], bias).cpu()
                 suspect[i + sel.cpu()] = gap < margin
         bar.update(j - i)
     bar.close()
@@ -362,9 +333,12 @@ def extract(model, ids, prefix_len: int, suffix_len: int, *, batch_size: int = 6
     Token for token equal to ``model.generate(do_sample=False, max_new_tokens=k, min_new_tokens=k)`` with
     EOS stopping disabled (``eos_token_id=None``). ``stop_on_mismatch``: rows leave the batch at their
     first wrong token (enough for the exact bit; see :class:`ExtractResult` for what that changes).
-    ``prescreen``: one teacher-forced pass first; a row it finds exactly memorized, with every top-1 minus
-    top-2 logit gap of its suffix at least ``tie_margin`` (default by dtype), decodes to its own suffix
-    (SPEC 4.5), so it is not decoded at all (``decoded`` is False for it). The model runs in eval mode (its
+    ``prescreen``: after the prefix, a row whose first decoded token is its reference's feeds the rest of
+    its reference through the model in one pass (the reference as a speculative draft); if every suffix
+    position's argmax is the next reference token, each with a top-1 minus top-2 logit gap of at least
+    ``tie_margin`` (default by dtype), greedy decoding provably reproduces the suffix (SPEC 4.5), so the row
+    is not decoded step by step (``decoded`` is False for it). Other rows cost one token more. The model runs
+    in eval mode (its
     modes are restored afterwards).
     """
     with _eval_mode(model), torch.no_grad():
@@ -386,27 +360,21 @@ def _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, p
     tokens = torch.full((n, k), -1, dtype=torch.long)
     matched = torch.zeros(n, dtype=torch.long)
     first = torch.zeros(n, dtype=torch.long)
-    todo = torch.arange(n)
-    if prescreen:
-        tf, suspect, *_ = _teacher_forced(model, ids, p, k, batch_size, True, tie_margin, False, suppress_ids,
-                                          backend, False, margin_of_exact_only=True)
-        known = tf.exact & ~suspect
-        tokens[known] = ids[known, p: p + k]
-        matched[known] = k
-        first[known] = k
-        todo = (~known).nonzero().reshape(-1)
-    decoded = torch.zeros(n, dtype=torch.bool)
-    decoded[todo] = True
+    decoded = torch.ones(n, dtype=torch.bool)
+    margin = tie_margin
+    if margin is None:
+        margin = DEFAULT_TIE_MARGIN.get(_model_dtype(parts), 1e-3) if parts.head_weight is not None else 0.0
     bar = tqdm(total=n, unit="seq", desc="extract", disable=not progress, dynamic_ncols=True)
-    bar.update(n - todo.numel())
-    for i in range(0, todo.numel(), batch_size):
-        rows = todo[i: i + batch_size]
+    for i in range(0, n, batch_size):
+        rows = torch.arange(i, min(n, i + batch_size))
         out = greedy_decode(model, ids[rows, :p], k, reference=ids[rows, p: p + k],
-                            stop_on_mismatch=stop_on_mismatch, suppress_ids=suppress_ids, backend=backend,
-                            parts=parts)
+                            stop_on_mismatch=stop_on_mismatch, suppress_ids=suppress_ids, draft=prescreen,
+                            tie_margin=margin, backend=backend, parts=parts)
         tokens[rows] = out.tokens.cpu()
         matched[rows] = out.matched.cpu()
         first[rows] = out.first_mismatch.cpu()
+        if out.accepted is not None:
+            decoded[rows] = ~out.accepted.cpu()
         bar.update(rows.numel())
     bar.close()
     return ExtractResult(tokens, matched, first, first == k, k, stop_on_mismatch, decoded)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .memscore import lm_head_argmax
 
 __all__ = ["CausalLMParts", "GreedyOutput", "final_hidden", "greedy_decode", "head_bias",
-           "make_kv_cache", "split_causal_lm"]
+           "make_kv_cache", "rounded_logits", "split_causal_lm", "top2_margin"]
 
 
 @dataclass
@@ -238,18 +238,103 @@ def make_kv_cache(model: torch.nn.Module, max_len: int):
 # --- greedy decoding ----------------------------------------------------------------------------------
 
 
+def rounded_logits(parts: CausalLMParts, h: torch.Tensor, bias) -> torch.Tensor:
+    """Logits as :mod:`~tinymem_fast.ops.memscore` defines them: fp32 accumulation, one rounding to the
+    model dtype."""
+    w = parts.head_weight
+    lg = h.float() @ w.float().t()
+    if bias is not None:
+        lg = lg + bias.float()
+    return lg.to(w.dtype).float() if w.dtype != torch.float32 else lg
+
+
+@torch.no_grad()
+def top2_margin(parts: CausalLMParts, h: torch.Tensor, keep: torch.Tensor, bias) -> torch.Tensor:
+    """Smallest top-1 minus top-2 logit gap per row over the positions in ``keep`` ``[B, T]`` (inf when
+    none). Logits are built a few rows at a time to bound memory. For models whose head is not fused,
+    ``h`` holds the logits themselves."""
+    b, t, _ = h.shape
+    out = torch.full((b,), float("inf"), device=h.device)
+    rows = max(1, (1 << 24) // max(1, t * parts.vocab_size))
+    for r0 in range(0, b, rows):
+        lg = rounded_logits(parts, h[r0: r0 + rows], bias) if parts.fused else h[r0: r0 + rows].float()
+        top = lg.topk(2, dim=-1).values
+        gap = top[..., 0] - top[..., 1]
+        gap = torch.where(keep[r0: r0 + rows], gap, torch.full_like(gap, float("inf")))
+        out[r0: r0 + rows] = gap.min(1).values
+    return out
+
+
 @dataclass
 class GreedyOutput:
     tokens: torch.Tensor          # [B, k] int64; -1 after the step where a row was stopped
     matched: torch.Tensor | None  # [B] int64: positions where the output equals the reference
     first_mismatch: torch.Tensor | None  # [B] int64: first differing position (k when none)
     steps: int                    # decoding steps run (fewer than k when every row stopped)
+    accepted: torch.Tensor | None = None  # [B] bool: rows whose reference was accepted as a whole draft
+
+
+def _copy_rows(cache, idx: torch.Tensor):
+    """A new cache holding only rows ``idx`` of ``cache`` (the original is left as it is)."""
+    import copy
+
+    if _Cache is not None and isinstance(cache, _Cache) and all(
+            isinstance(layer, _PreallocatedLayer) for layer in cache.layers):
+        layers = []
+        for layer in cache.layers:
+            new = _PreallocatedLayer(layer.max_len)
+            if layer.is_initialized:
+                new.device, new.n, new.is_initialized = layer.device, layer.n, True
+                new.kbuf, new.vbuf = layer.kbuf[idx], layer.vbuf[idx]
+                new._views()
+            layers.append(new)
+        return _Cache(layers=layers)
+    out = copy.deepcopy(cache)
+    out.batch_select_indices(idx)
+    return out
+
+
+def _accept_drafts(parts: CausalLMParts, cache, first: torch.Tensor, ref: torch.Tensor, bias,
+                   tie_margin: float, backend) -> torch.Tensor:
+    """Rows (bool ``[B]``) for which greedy decoding provably reproduces the whole reference suffix.
+
+    Rows whose first decoded token ``first`` already equals ``ref[:, 0]`` feed the rest of their reference
+    through the model in one multi-token pass on a copy of the prefix cache (speculative decoding with the
+    reference as the draft): while every earlier token matches, the decoder's context is the reference's,
+    so the argmax at every draft position equals the decoded token. A multi-token pass rounds differently
+    from one-token steps, so a row is accepted only if, at every draft position, the top-1 logit beats the
+    top-2 by at least ``tie_margin``. Rows not accepted are decoded as usual.
+    """
+    from .memscore import memscore_examples
+
+    b, k = ref.shape
+    ok = first == ref[:, 0]
+    if k == 1 or not bool(ok.any()):
+        return ok if k == 1 else torch.zeros(b, dtype=torch.bool, device=ok.device)
+    fol = ok.nonzero().reshape(-1)
+    dcache = _copy_rows(cache, fol.to(parts.input_device))
+    past = cache.get_seq_length()
+    draft = ref[fol, : k - 1].to(parts.input_device)
+    mask = torch.ones(fol.numel(), past + k - 1, dtype=torch.long, device=parts.input_device)
+    out = parts.body(input_ids=draft, attention_mask=mask, use_cache=True, **{parts.cache_kw: dcache})
+    h = (out[0] if isinstance(out, tuple) else out.last_hidden_state).to(parts.head_device,
+                                                                         parts.head_weight.dtype)
+    del dcache
+    r = memscore_examples(h, parts.head_weight, ref[fol, 1:], bias=bias, need_nll=False, early_exit=True,
+                          backend=backend)
+    accepted = torch.zeros(b, dtype=torch.bool, device=ok.device)
+    sel = r.exact.nonzero().reshape(-1)
+    if sel.numel():
+        keep = torch.ones(sel.numel(), k - 1, dtype=torch.bool, device=h.device)
+        gap = top2_margin(parts, h[sel], keep, bias)
+        accepted[fol[sel[gap >= tie_margin].to(fol.device)]] = True
+    return accepted
 
 
 @torch.no_grad()
 def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
                   reference: torch.Tensor | None = None, stop_on_mismatch: bool = False, suppress_ids=None,
-                  backend: str | None = None,
+                  draft: bool = False, tie_margin: float = 1e-3, backend: str | None = None,
                   parts: CausalLMParts | None = None) -> GreedyOutput:
     """Decode ``k`` tokens greedily after each row of ``prefix`` ``[B, p]`` (no padding, no EOS stop).
 
@@ -258,24 +343,30 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
     batch right after its first differing token (its tokens after that are -1 and ``matched`` then counts
     the tokens before the miss), which is all an exact-match test needs. ``suppress_ids``: token ids that
     may never be chosen (the reference implementation's ``min_length`` suppresses EOS that way).
+    ``draft``: try the reference as a draft right after the prefix (see :func:`_accept_drafts`); a row it
+    accepts leaves the batch with its reference as its tokens (``accepted`` marks it). Memorized rows then
+    cost one multi-token pass instead of ``k`` decoding steps, other rows one extra token of work.
     """
     if prefix.dim() != 2 or prefix.shape[1] < 1:
         raise ValueError(f"prefix must be [B, p] with p >= 1, got shape {tuple(prefix.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if stop_on_mismatch and reference is None:
-        raise ValueError("stop_on_mismatch needs a reference suffix")
+    for name, on in (("stop_on_mismatch", stop_on_mismatch), ("draft", draft)):
+        if on and reference is None:
+            raise ValueError(f"{name} needs a reference suffix")
     if reference is not None and tuple(reference.shape) != (prefix.shape[0], k):
         raise ValueError(f"reference must be [B, k] = [{prefix.shape[0]}, {k}], got {tuple(reference.shape)}")
     parts = parts or split_causal_lm(model)
     b, p = prefix.shape
     dev_in, dev_head = parts.input_device, parts.head_device
     tokens = torch.full((b, k), -1, dtype=torch.long, device=dev_head)
+    accepted = torch.zeros(b, dtype=torch.bool, device=dev_head) if draft else None
     if b == 0:
         empty = torch.zeros(0, dtype=torch.long, device=dev_head)
         return GreedyOutput(tokens, empty if reference is not None else None,
-                            empty if reference is not None else None, 0)
+                            empty if reference is not None else None, 0, accepted)
     ref = reference.to(dev_head) if reference is not None else None
+    draft = draft and parts.fused
     bias = head_bias(parts, suppress_ids) if parts.fused else None
     cache = make_kv_cache(model, p + k)
     rows = torch.arange(b, device=dev_head)      # original row of each active batch entry
@@ -297,15 +388,23 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
             nxt = logits.argmax(-1)
         tokens[rows, i] = nxt
         steps = i + 1
+        keep = None
+        if draft and i == 0:
+            acc = _accept_drafts(parts, cache, nxt, ref, bias, tie_margin, backend)
+            if bool(acc.any()):
+                accepted[acc] = True
+                tokens[acc] = ref[acc]
+                keep = ~acc
         if stop_on_mismatch:
-            keep = nxt == ref[rows, i]
-            if not bool(keep.all()):
-                if not bool(keep.any()):
-                    break
-                idx = keep.nonzero().reshape(-1)
-                rows = rows[idx]
-                nxt = nxt[idx]
-                cache.batch_select_indices(idx.to(dev_in))
+            hit = nxt == ref[rows, i]
+            keep = hit if keep is None else keep & hit
+        if keep is not None and not bool(keep.all()):
+            if not bool(keep.any()):
+                break
+            idx = keep.nonzero().reshape(-1)
+            rows = rows[idx]
+            nxt = nxt[idx]
+            cache.batch_select_indices(idx.to(dev_in))
         inp = nxt[:, None].to(dev_in)
     matched = first = None
     if ref is not None:
@@ -313,4 +412,4 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
         matched = eq.sum(1)
         miss = ~eq
         first = torch.where(miss.any(1), miss.float().argmax(1), torch.full_like(matched, k))
-    return GreedyOutput(tokens, matched, first, steps)
+    return GreedyOutput(tokens, matched, first, steps, accepted)
