@@ -12,7 +12,8 @@ weights would fail every row at its first token and flatter early exits):
   (e.g. ``--preset quick-language-noise --set model.vocab_size=50257``: a 50,257-row head, 16/16).
 * ``neox70m``: a GPTNeoX of about 70M parameters (Pythia-70m shape, V=50304) with random weights on random
   tokens: extraction only, prefix/suffix 50/50 and the Pythia protocol's 32/40.
-* memory (GPU only): peak of ``memscore_examples`` vs materialising the logits at V=50257.
+* memory: peak of ``memscore_examples`` vs materialising the logits at V=50257 (GPU: torch's peak
+  allocation; CPU: growth of the process's peak resident memory).
 
 Providers, all on the same rows and batch size:
 
@@ -45,7 +46,7 @@ import torch
 from tinymem_fast.ops import registry
 from tinymem_fast.scoring import extract, score_exact
 
-from .harness import HERE, Row, measure, sync
+from .harness import HERE, Row, cpu_peak_mib, measure, sync
 
 SUITE = "scoring"
 BASE = "generate (KV cache, k tokens)"
@@ -269,30 +270,40 @@ def extract_rows(name, model, ids, p, k, device, repeats, batch, say=print) -> l
 
 
 def memory_rows(device: str) -> list[Row]:
-    """Peak memory of memscore vs materialising the logits at V=50257 (GPU only: CPU peaks are not
-    tracked by torch)."""
-    if not device.startswith("cuda"):
-        return []
+    """Peak memory of memscore vs materialising the logits at V=50257: on a GPU torch's peak allocation,
+    on the CPU the growth of the process's peak resident memory during one call."""
     from tinymem_fast.ops.memscore import memscore_examples
 
-    b, t, d, v = (64, 50, 512, 50257)
-    h = torch.randn(b, t, d, device=device)
-    w = torch.randn(v, d, device=device) * 0.05
-    y = torch.randint(0, v, (b, t), device=device)
+    gpu = device.startswith("cuda")
+    b, t, d, v = (8, 10, 64, 50257) if _smoke() else (64, 50, 512, 50257)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(b, t, d, generator=gen).to(device)
+    w = (torch.randn(v, d, generator=gen) * 0.05).to(device)
+    y = torch.randint(0, v, (b, t), generator=gen).to(device)
 
     def logits():
         lg = h @ w.t()
         return (lg.argmax(-1) == y).all(1), torch.nn.functional.cross_entropy(lg.view(-1, v), y.view(-1))
 
+    def peak(fn, timed):
+        return timed[3] if gpu else cpu_peak_mib(fn)
+
     rows = []
     case = f"memory: B={b}, T={t}, d={d}, V={v}"
     base = measure(logits, device=device, repeats=3)
-    rows.append(Row(SUITE, case, "logits + argmax + CE", *base))
+    base_peak = peak(logits, base)
+    rows.append(Row(SUITE, case, "logits + argmax + CE", *base[:3], base_peak,
+                    note=f"the [B, T, V] fp32 logits alone are {b * t * v * 4 / 2**20:.0f} MiB"))
     for bk in _backends(device):
-        m = measure(lambda bk=bk: memscore_examples(h, w, y, backend=bk), device=device, repeats=3)
-        rows.append(Row(SUITE, case, f"memscore_examples [{bk}]", *m, baseline="logits + argmax + CE",
+        def fn(bk=bk):
+            return memscore_examples(h, w, y, backend=bk)
+        m = measure(fn, device=device, repeats=3)
+        p = peak(fn, m)
+        rows.append(Row(SUITE, case, f"memscore_examples [{bk}]", *m[:3], p, baseline="logits + argmax + CE",
                         ratio=base[0] / m[0],
-                        note=f"peak {100 * m[3] / base[3]:.0f}% of the logits path" if base[3] else ""))
+                        note=(f"peak {100 * p / base_peak:.1f}% of the logits path's"
+                              + ("" if gpu else " (growth of peak RSS during one call)"))
+                        if base_peak and p is not None else ""))
     return rows
 
 

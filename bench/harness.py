@@ -51,6 +51,33 @@ def measure(fn, *, device: str = "cpu", warmup: int = 1, repeats: int = 5, min_t
     return statistics.median(times), q[0], q[3], peak
 
 
+def cpu_peak_mib(fn) -> float | None:
+    """Growth of the process's peak resident memory while ``fn`` runs, in MiB (Linux: the peak is reset
+    through /proc/self/clear_refs first). None where that is not available. Counts every allocation,
+    whatever the allocator, but also anything else the process touches meanwhile: run it alone."""
+    import re
+
+    def field(name):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{name}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+    try:
+        import ctypes
+
+        # hand freed heap memory back first, so that reusing it counts as growth again
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = field("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    fn()
+    return field("VmHWM") - base
+
+
 @dataclass
 class Row:
     suite: str
