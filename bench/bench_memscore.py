@@ -6,6 +6,12 @@ Workloads: 1024 sequences x 50 scored tokens through (V=14, d=128) -- TinyMem ma
 materialises all ``[B, T, V]`` logits, then ``log_softmax`` and ``argmax`` (what scoring code usually
 does). On a CPU the language case uses fewer sequences: its baseline needs 2 x B*T*V*4 bytes (20 GB at
 1024 x 50). ``BENCH_SMALL=1`` shrinks everything for a quick look.
+
+On a CPU, also one greedy-decoding step of a Pythia-70M-shaped float32 head (V=50304, d=512) for 1, 64 and
+128 rows: ``F.linear + argmax`` against the cpp kernel in float32 and screened in bf16 (``pack_head``, built
+once per weight outside the timed region; its own time is in the note).
+
+``python -m bench.bench_memscore [--quick] [--head-only]`` prints the rows without saving them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tinymem_fast.ops import registry
-from tinymem_fast.ops.memscore import lm_head_argmax, memscore_examples
+from tinymem_fast.ops.memscore import lm_head_argmax, memscore_examples, pack_head
 
 from .harness import Row, measure, with_ratios
 
@@ -24,6 +30,7 @@ SUITE = "memscore"
 SEQ = 50
 D = 128
 BASELINE = "full logits + log_softmax + argmax"
+HEAD_V, HEAD_D = 50304, 512  # Pythia-70M's embed_out
 
 
 def _small() -> bool:
@@ -101,6 +108,38 @@ def bench_argmax(device: str, repeats: int, vocab: int, n: int, dtype) -> list[R
     return rows
 
 
+def bench_decode_head(device: str, repeats: int, n: int) -> list[Row]:
+    """One greedy-decoding head step for ``n`` rows (a batch of sequences' last positions)."""
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(HEAD_V, HEAD_D, generator=g) * 0.02).to(device)  # Pythia's init scale
+    h = torch.randn(n, HEAD_D, generator=g).to(device)
+    case = f"lm_head_argmax, V={HEAD_V}, d={HEAD_D}, {n} rows, float32"
+    base = "F.linear + argmax"
+    rows = [Row(SUITE, case, base, *measure(lambda: F.linear(h, w).argmax(-1), device=device,
+                                             repeats=repeats))]
+    ref = F.linear(h, w).argmax(-1)
+    exact = lm_head_argmax(h, w, backend="cpp")
+    t = measure(lambda: lm_head_argmax(h, w, backend="cpp"), device=device, repeats=repeats)
+    rows.append(Row(SUITE, case, "cpp", *t, note=f"ids differing from F.linear+argmax: "
+                                                f"{int((exact != ref).sum())}/{n}"))
+    pack_ms = measure(lambda: pack_head(w), device=device, warmup=0, repeats=3)[0]
+    pack = pack_head(w)
+    if pack is None:
+        rows.append(Row(SUITE, case, "cpp, bf16-screened", float("nan"), float("nan"), float("nan"),
+                        note="unavailable here (needs AVX512-BF16 and a current extension)"))
+    else:
+        t = measure(lambda: lm_head_argmax(h, w, backend="cpp", pack=pack), device=device, repeats=repeats)
+        torch.ops.tinymem.head_screen_stats(True)
+        got = lm_head_argmax(h, w, backend="cpp", pack=pack)
+        _, screened, cands, fallback = torch.ops.tinymem.head_screen_stats(True)
+        rows.append(Row(SUITE, case, "cpp, bf16-screened", *t, note=(
+            f"pack_head once per weight: {pack_ms:.0f} ms; ids differing from the cpp float32 kernel: "
+            f"{int((got != exact).sum())}/{n}; exact candidates per row {cands / max(1, screened):.1f}, "
+            f"fallback rows {fallback}")))
+    with_ratios(rows, base, case)
+    return rows
+
+
 def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
     small = _small()
     gpu = device != "cpu"
@@ -112,4 +151,32 @@ def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
         rows += bench_examples(device, repeats, 14, math_b, dtype)
         rows += bench_examples(device, max(2, repeats // 2), 50257, lang_b, dtype)
         rows += bench_argmax(device, repeats, 50257, 64 if small else 1024, dtype)
+    if not gpu and fast_backends(device):
+        for n in (1, 64, 128):
+            rows += bench_decode_head(device, repeats, n)
     return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.bench_memscore", description="print, do not save")
+    p.add_argument("--quick", action="store_true", help="BENCH_SMALL=1 sizes and 2 repeats")
+    p.add_argument("--head-only", action="store_true", help="only the greedy-decoding head cases")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.quick:
+        os.environ["BENCH_SMALL"] = "1"
+    repeats = 2 if args.quick else args.repeats
+    if args.head_only:
+        rows = [r for n in (1, 64, 128) for r in bench_decode_head("cpu", repeats, n)]
+    else:
+        rows = run("cpu", repeats)
+    for r in rows:
+        ratio = f"{r.ratio:6.2f}x vs {r.baseline}" if r.ratio is not None else ""
+        print(f"  {r.case:<55} {r.provider:<22} {r.median_ms:9.2f} ms {ratio}  {r.note}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/head_screen.h"
 #include "cpu/masked_subnet.h"
 #include "cpu/memscore.h"
 
@@ -19,6 +20,14 @@ TORCH_LIBRARY(tinymem, m) {
   m.def("memscore(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, bool need_nll, bool early_exit, "
         "int chunk_size) -> (Tensor match, Tensor nll)");
   m.def("lm_head_argmax(Tensor hidden, Tensor weight, Tensor? bias, int chunk_size) -> Tensor");
+  // Greedy-decoding head screened in bf16 (csrc/cpu/head_screen.cpp; float32 only, AVX512-BF16 CPUs): the
+  // packed weight and row norms come from pack_head_bf16 once per weight; the result equals lm_head_argmax.
+  // head_screen_stats: [calls, rows screened, exact candidates, fallback rows], reset reads and zeroes them.
+  m.def("head_screen_available() -> bool", &tinymem::cpu::head_screen_available);
+  m.def("head_screen_stats(bool reset=False) -> int[]", &tinymem::cpu::head_screen_stats);
+  m.def("pack_head_bf16(Tensor weight) -> (Tensor packed, Tensor wnorm)");
+  m.def("lm_head_argmax_screened(Tensor hidden, Tensor weight, Tensor packed, Tensor wnorm, Tensor? bias) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
@@ -28,6 +37,8 @@ TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
   m.impl("subnet_sgd_step_", &tinymem::cpu::subnet_sgd_step_);
   m.impl("memscore", &tinymem::cpu::memscore);
   m.impl("lm_head_argmax", &tinymem::cpu::lm_head_argmax);
+  m.impl("pack_head_bf16", &tinymem::cpu::pack_head_bf16);
+  m.impl("lm_head_argmax_screened", &tinymem::cpu::lm_head_argmax_screened);
 }
 
 namespace {

@@ -31,6 +31,12 @@ computation exactly. The torch backend ignores ``early_exit``.
 
 The compiled ops are ``torch.ops.tinymem.memscore`` / ``torch.ops.tinymem.lm_head_argmax`` (flat rows;
 fake implementations are registered so they trace under ``torch.compile``).
+
+Greedy decoding with a float32 head on a CPU with AVX512-BF16 can go about twice as fast with a
+:class:`HeadPack` (:func:`pack_head`, built once per weight): ``lm_head_argmax(..., pack=pack)`` then
+screens every logit in bf16 with a rigorous error bound and recomputes only the few that could still be
+the maximum with the float32 kernel's own FMA chain, so the ids equal the plain cpp result bit for bit
+(``torch.ops.tinymem.lm_head_argmax_screened``; derivation in csrc/cpu/head_screen.cpp).
 """
 
 from __future__ import annotations
@@ -79,6 +85,23 @@ class ExampleScores:
     first_mismatch: Tensor
     matched: Tensor
     mean_nll: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class HeadPack:
+    """A float32 LM head converted once for the bf16-screened argmax (see :func:`pack_head`).
+
+    ``packed``: bfloat16 panels of the weight; ``wnorm``: float32 ``[V]`` row norms (rounded up). ``shape``,
+    ``version`` and ``data_ptr`` record the weight at pack time: a pack used with a weight that was since
+    modified in place, replaced or reshaped would give wrong ids silently, so such use raises instead
+    (writes through ``weight.data`` bypass the version counter and cannot be seen: pack again after them).
+    """
+
+    packed: Tensor
+    wnorm: Tensor
+    shape: tuple[int, int]
+    version: int
+    data_ptr: int
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -244,6 +267,19 @@ def _register_fakes() -> None:
     def _argmax_fake(hidden, weight, bias, chunk_size):
         return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
 
+    if not _ext_has("lm_head_argmax_screened"):  # an extension from before the screened head
+        return
+
+    @torch.library.register_fake("tinymem::pack_head_bf16")
+    def _pack_fake(weight):
+        vocab, d = weight.shape
+        packed = weight.new_empty(((vocab + 15) // 16, (d + 1) // 2, 32), dtype=torch.bfloat16)
+        return packed, weight.new_empty(vocab, dtype=torch.float32)
+
+    @torch.library.register_fake("tinymem::lm_head_argmax_screened")
+    def _screened_fake(hidden, weight, packed, wnorm, bias):
+        return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
+
 
 def _select(op: str, ext_op: str, device: torch.device, backend: str | None) -> str:
     b = registry.select(op, device, backend)
@@ -349,12 +385,72 @@ def memscore_examples(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: 
     return reduce_scores(scores, mask)
 
 
+def head_screen_available() -> bool:
+    """The compiled extension has the bf16-screened head and this CPU can run it (AVX512-BF16)."""
+    if registry.ext() is None or not (_ext_has("pack_head_bf16") and _ext_has("lm_head_argmax_screened")):
+        return False
+    return bool(torch.ops.tinymem.head_screen_available())
+
+
+def _weight_version(weight: Tensor) -> int | None:
+    try:
+        return weight._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return None
+
+
+def pack_head(weight: Tensor, bias: Tensor | None = None) -> HeadPack | None:
+    """Convert a float32 CPU LM head once for ``lm_head_argmax(..., pack=...)``; None where the screened
+    head cannot run (not float32 on CPU, no AVX512-BF16, an extension without it, ``TINYMEM_HEAD_SCREEN=0``),
+    so callers can always pass the result on.
+
+    The pack depends on ``weight`` only: ``bias`` is accepted for call-site symmetry and passed per call,
+    so it may change between calls. Pack again after changing the weight (using a stale pack raises).
+    A weight made under ``torch.inference_mode`` has no version counter to detect in-place changes with,
+    so it is not packed.
+    """
+    if os.environ.get("TINYMEM_HEAD_SCREEN") == "0":
+        return None
+    if not isinstance(weight, Tensor) or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight (the lm_head) must be a non-empty [V, d], got shape {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {getattr(bias, 'shape', bias)!r}")
+    version = _weight_version(weight)
+    if version is None or not head_screen_available():
+        return None
+    _register_fakes()
+    packed, wnorm = torch.ops.tinymem.pack_head_bf16(weight.detach().contiguous())
+    return HeadPack(packed=packed, wnorm=wnorm, shape=tuple(weight.shape), version=version,
+                    data_ptr=weight.data_ptr())
+
+
+def _check_pack(pack: HeadPack, weight: Tensor) -> None:
+    if not isinstance(pack, HeadPack):
+        raise TypeError(f"pack must be a HeadPack from pack_head() or None, got {type(pack).__name__}")
+    if tuple(weight.shape) != pack.shape or weight.data_ptr() != pack.data_ptr:
+        raise ValueError(f"stale HeadPack: it was built for another weight (shape {pack.shape}) than this "
+                         f"one {tuple(weight.shape)}; call pack_head(weight) again")
+    if _weight_version(weight) != pack.version:
+        raise ValueError("stale HeadPack: the weight was modified in place after pack_head(weight); "
+                         "call pack_head(weight) again")
+
+
 def lm_head_argmax(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None,
-                   chunk_size: int | None = None, backend: str | None = None) -> Tensor:
+                   chunk_size: int | None = None, backend: str | None = None,
+                   pack: HeadPack | None = None) -> Tensor:
     """``argmax_v`` of ``hidden[N,d] @ weight.T + bias`` (logits rounded to the input dtype, lowest index
-    on ties) as int64 ``[N]``, tiled over the vocabulary: no ``[N,V]`` logits."""
+    on ties) as int64 ``[N]``, tiled over the vocabulary: no ``[N,V]`` logits.
+
+    ``pack`` (from :func:`pack_head`, reused across calls): on the cpp backend with float32 CPU inputs the
+    logits are screened in bf16 and only the candidates for the maximum are recomputed in float32 -- the
+    same ids as without it, about twice as fast. A pack that no longer matches ``weight`` raises ValueError.
+    """
     _check_head(hidden, weight, bias, 2)
     chunk = _check_chunk(chunk_size)
+    if pack is not None:
+        _check_pack(pack, weight)
     b = _select("lm_head_argmax", "lm_head_argmax", hidden.device, backend)
     h = hidden.detach().contiguous()
     w = weight.detach().contiguous()
@@ -363,4 +459,7 @@ def lm_head_argmax(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None
         return scores_torch(h, w, bias_c, None, False, chunk)[0]
     if b == "triton":
         return _triton().lm_head_argmax(h, w, bias_c, chunk)
+    if pack is not None and h.dtype == torch.float32 and h.device.type == "cpu" and _ext_has(
+            "lm_head_argmax_screened"):
+        return torch.ops.tinymem.lm_head_argmax_screened(h, w, pack.packed, pack.wnorm, bias_c)
     return torch.ops.tinymem.lm_head_argmax(h, w, bias_c, chunk)
