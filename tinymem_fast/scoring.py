@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .ops.greedy import CausalLMParts, final_hidden, greedy_decode, head_bias, split_causal_lm, top2_margin
+from .ops.greedy import (
+    CausalLMParts,
+    final_hidden,
+    greedy_decode,
+    head_bias,
+    head_pack_for,
+    split_causal_lm,
+    top2_margin,
+)
 from .ops.memscore import memscore_examples
 
 log = logging.getLogger(__name__)
@@ -364,12 +372,13 @@ def _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, p
     margin = tie_margin
     if margin is None:
         margin = DEFAULT_TIE_MARGIN.get(_model_dtype(parts), 1e-3) if parts.head_weight is not None else 0.0
+    pack = head_pack_for(parts) if backend in (None, "cpp") else None  # once for every batch
     bar = tqdm(total=n, unit="seq", desc="extract", disable=not progress, dynamic_ncols=True)
     for i in range(0, n, batch_size):
         rows = torch.arange(i, min(n, i + batch_size))
         out = greedy_decode(model, ids[rows, :p], k, reference=ids[rows, p: p + k],
                             stop_on_mismatch=stop_on_mismatch, suppress_ids=suppress_ids, draft=prescreen,
-                            tie_margin=margin, backend=backend, parts=parts)
+                            tie_margin=margin, backend=backend, parts=parts, head_pack=pack)
         tokens[rows] = out.tokens.cpu()
         matched[rows] = out.matched.cpu()
         first[rows] = out.first_mismatch.cpu()

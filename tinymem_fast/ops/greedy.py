@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .memscore import lm_head_argmax
+from .memscore import HeadPack, lm_head_argmax, pack_head
 
 __all__ = ["CausalLMParts", "GreedyOutput", "final_hidden", "greedy_decode", "head_bias",
-           "make_kv_cache", "rounded_logits", "split_causal_lm", "top2_margin"]
+           "head_pack_for", "make_kv_cache", "rounded_logits", "split_causal_lm", "top2_margin"]
 
 
 @dataclass
@@ -119,6 +119,12 @@ def _check_fused(parts: CausalLMParts, probe: torch.Tensor | None) -> bool:
     scale = float(ref.abs().max().clamp(min=1.0))
     # loose tolerance: this detects a transformed head (scaling, capping), not rounding differences
     return bool(torch.allclose(mine.float(), ref.float(), rtol=1e-3, atol=1e-3 * scale))
+
+
+def head_pack_for(parts: CausalLMParts) -> HeadPack | None:
+    """The model's head packed for the bf16-screened argmax (same ids, about twice as fast), or None
+    where that cannot run (see :func:`~tinymem_fast.ops.memscore.pack_head`)."""
+    return pack_head(parts.head_weight) if parts.fused and parts.head_weight is not None else None
 
 
 def final_hidden(parts: CausalLMParts, ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -335,7 +341,7 @@ def _accept_drafts(parts: CausalLMParts, cache, first: torch.Tensor, ref: torch.
 def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
                   reference: torch.Tensor | None = None, stop_on_mismatch: bool = False, suppress_ids=None,
                   draft: bool = False, tie_margin: float = 1e-3, backend: str | None = None,
-                  parts: CausalLMParts | None = None) -> GreedyOutput:
+                  parts: CausalLMParts | None = None, head_pack: HeadPack | None = None) -> GreedyOutput:
     """Decode ``k`` tokens greedily after each row of ``prefix`` ``[B, p]`` (no padding, no EOS stop).
 
     ``reference`` ``[B, k]``: the suffix to compare with; ``matched`` counts equal positions over the whole
@@ -346,6 +352,8 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
     ``draft``: try the reference as a draft right after the prefix (see :func:`_accept_drafts`); a row it
     accepts leaves the batch with its reference as its tokens (``accepted`` marks it). Memorized rows then
     cost one multi-token pass instead of ``k`` decoding steps, other rows one extra token of work.
+    ``head_pack``: the head converted by :func:`~tinymem_fast.ops.memscore.pack_head` (made here when
+    None, where the screened head can run; pass one to share it between calls).
     """
     if prefix.dim() != 2 or prefix.shape[1] < 1:
         raise ValueError(f"prefix must be [B, p] with p >= 1, got shape {tuple(prefix.shape)}")
@@ -368,6 +376,8 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
     ref = reference.to(dev_head) if reference is not None else None
     draft = draft and parts.fused
     bias = head_bias(parts, suppress_ids) if parts.fused else None
+    if head_pack is None and parts.fused and backend in (None, "cpp"):
+        head_pack = head_pack_for(parts)
     cache = make_kv_cache(model, p + k)
     rows = torch.arange(b, device=dev_head)      # original row of each active batch entry
     inp = prefix.to(dev_in)
@@ -379,7 +389,7 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
             out = parts.body(input_ids=inp, attention_mask=mask, use_cache=True, **{parts.cache_kw: cache})
             h = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[:, -1]
             nxt = lm_head_argmax(h.to(dev_head, parts.head_weight.dtype), parts.head_weight, bias=bias,
-                                 backend=backend)
+                                 backend=backend, pack=head_pack)
         else:
             logits = model(input_ids=inp, attention_mask=mask, use_cache=True,
                            **{parts.cache_kw: cache}).logits[:, -1].to(dev_head)
