@@ -29,6 +29,12 @@ RUNS = [
     ("quick-language-noise", []),
 ]
 
+# the layers fact at a longer budget: at 900 steps the deeper models are still catching up, and one
+# evaluation of 39 eligible rows moves by +-8 points, so the fact is read from the mean of the last 3
+LAYER_STEPS = 1800
+LAYER_RUNS = [("quick-math-noise", [f"model.n_layer={n}", f"train.max_steps={LAYER_STEPS}"])
+              for n in (2, 4, 8)]
+
 
 def config_key(cfg) -> str:
     """Hash of the settings that differ from a default RunConfig: a new setting added to the library
@@ -85,6 +91,20 @@ def _at(hist: list[dict], step: int, key: str) -> float:
     return next(h[key] for h in hist if h["step"] == step)
 
 
+def _layer_fact() -> list[tuple[str, str]]:
+    """Only when BENCH_LAYERS=1 (about 25 minutes of training on 2 cores)."""
+    if os.environ.get("BENCH_LAYERS") != "1":
+        return []
+    means, walls = [], []
+    for preset, sets in LAYER_RUNS:
+        wall, hist = _train(preset, sets)
+        last = [h["mem"] for h in hist if "mem" in h][-3:]
+        means.append(sum(last) / len(last))
+        walls.append(wall)
+    return [(f"layers at {LAYER_STEPS} steps: mem % at 2 / 4 / 8 layers (mean of the last 3 evaluations)",
+             " / ".join(f"{m:.1f}" for m in means) + f"; training {' / '.join(f'{w:.0f}' for w in walls)} s")]
+
+
 def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
     rows = []
     curves = {}
@@ -100,6 +120,7 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
         ("layers: mem % at 2 / 4 / 8 layers",
          " / ".join(f"{curves[n][-1]['mem']:.1f}" for n in (
              "quick-math-noise model.n_layer=2", "quick-math-noise", "quick-math-noise model.n_layer=8"))),
+        *_layer_fact(),
         ("duplication: mem % of x1 / x10 group", f"{noise[-1]['mem_g0']:.1f} / {noise[-1]['mem_g1']:.1f}"),
         ("speed: backdoor ASR vs noise mem at step 300 / 500",
          f"{_at(bd, 300, 'asr'):.1f} vs {_at(noise, 300, 'mem'):.1f} / "

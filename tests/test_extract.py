@@ -178,3 +178,18 @@ def test_draft_acceptance_equals_plain_decoding_on_partially_memorized_rows(arch
     assert torch.equal(fast.tokens, generate(model, ids[:, :P], K))
     with pytest.raises(ValueError, match="draft needs a reference"):
         greedy_decode(model, ids[:, :P], K, draft=True)
+
+
+def test_few_leftover_rows_are_pooled_and_decoded_like_the_rest():
+    """With a batch mostly accepted as drafts, its few other rows are decoded later with other batches'
+    leftovers; every row still gets exactly the tokens of plain decoding, in its own place."""
+    model, _, _ = planted("gpt2")
+    ids = probe_rows("gpt2")
+    order = torch.tensor([0, 1, 2, 3, 4, 8, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17])
+    x = ids[order]
+    fast = extract(model, x, P, K, batch_size=6)
+    slow = extract(model, x, P, K, batch_size=6, prescreen=False)
+    for f in ("tokens", "matched", "first_mismatch", "exact"):
+        assert torch.equal(getattr(fast, f), getattr(slow, f)), f
+    assert fast.decoded.tolist() == [False] * 5 + [True] + [False] * 3 + [True] * 9
+    assert torch.equal(fast.tokens, generate(model, x[:, :P], K))

@@ -272,3 +272,19 @@ def test_device_map_model(tmp_path):
     dm = load_causal_lm(str(tmp_path / "m"), "float32", device_map="auto")
     ids = probe_rows("gpt_neox")
     assert torch.equal(score_exact(dm, ids, P, K).exact, truth(model, ids)[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_only_staged_scoring_gives_the_same_bits(arch):
+    """count_matched=False scores suffix positions in stages and stops at each row's first miss: the exact
+    bits and first mismatches are those of generate, and matched counts the tokens before the miss."""
+    model, _, _ = planted(arch)
+    ids = probe_rows(arch).clone()
+    ids[:3, P + K - 1] = (ids[:3, P + K - 1] + 1) % V  # planted rows that miss only at the last token
+    ids[3:5, P + 5] = (ids[3:5, P + 5] + 1) % V       # ... at a position inside the second stage
+    exact, first = truth(model, ids)
+    for bs in (1, 7, 64):
+        s = score_exact(model, ids, P, K, batch_size=bs, count_matched=False)
+        assert torch.equal(s.exact, exact) and torch.equal(s.first_mismatch, first)
+        assert torch.equal(s.matched, first)
+    assert first[:5].tolist() == [K - 1] * 3 + [5] * 2 and int(exact.sum()) == 3

@@ -38,7 +38,7 @@ from .ops.greedy import (
     split_causal_lm,
     top2_margin,
 )
-from .ops.memscore import memscore_examples
+from .ops.memscore import ExampleScores, memscore_examples
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,8 @@ def _torch_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 
 
 def score_exact(model, ids, prefix_len, suffix_len, *, batch_size: int = 64, verify: bool | str = False,
-                tie_margin: float | None = None, need_nll: bool = False, suppress_ids=None,
-                backend: str | None = None, progress: bool = False) -> ScoreResult:
+                tie_margin: float | None = None, need_nll: bool = False, count_matched: bool = True,
+                suppress_ids=None, backend: str | None = None, progress: bool = False) -> ScoreResult:
     """Exact-memorization scores of ``ids[:, p:p+k]`` given ``ids[:, :p]``, from one teacher-forced pass.
 
     ``ids``: int ``[N, L]`` with ``L >= p + k``; ``prefix_len`` / ``suffix_len``: ints, or int64 ``[N]``
@@ -220,22 +220,25 @@ def score_exact(model, ids, prefix_len, suffix_len, *, batch_size: int = 64, ver
     minus top-2 logit gap at a suffix position up to the first miss is below ``tie_margin`` (default by
     dtype: :data:`DEFAULT_TIE_MARGIN`); ``"full"`` re-decodes every row. ``suppress_ids``: token ids that
     greedy decoding may never pick (``suppress_eos`` of SPEC 4.5), applied as a ``-inf`` logit here too.
-    ``need_nll``: also the per-example mean NLL of the suffix (no early exit then). The model runs in eval
+    ``need_nll``: also the per-example mean NLL of the suffix (no early exit then). ``count_matched=False``:
+    only the exact bit and the first mismatch are wanted, so a row's suffix positions are scored in growing
+    stages (4, 8, 16, ... positions) and nothing after its first miss is scored; ``matched`` then counts the
+    tokens before the first miss (no effect with ``need_nll`` or per-row windows). The model runs in eval
     mode (its modes are restored afterwards).
     """
     with _eval_mode(model), torch.no_grad():
         return _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_margin, need_nll,
-                            suppress_ids, backend, progress)
+                            suppress_ids, backend, progress, count_matched)
 
 
 def _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_margin, need_nll, suppress_ids,
-                 backend, progress) -> ScoreResult:
+                 backend, progress, count_matched=True) -> ScoreResult:
     mode = {False: "none", True: "margin", None: "none"}.get(verify, verify)
     if mode not in VERIFY_MODES:
         raise ScoringInputError(f"verify must be one of {VERIFY_MODES} (or a bool), got {verify!r}")
     result, suspect, parts, ids, p, k = _teacher_forced(model, ids, prefix_len, suffix_len, batch_size,
                                                         mode == "margin", tie_margin, need_nll, suppress_ids,
-                                                        backend, progress)
+                                                        backend, progress, count_matched=count_matched)
     if mode != "none":
         n = len(result)
         rows = torch.arange(n) if mode == "full" else suspect.nonzero().reshape(-1)
@@ -246,8 +249,26 @@ def _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_mar
     return result
 
 
+def _first_miss_staged(h, targets, weight, bias, backend):
+    """(exact [b], first_mismatch [b], matched-before-the-miss [b]) of ``k`` suffix positions, scored in
+    stages of 4, 8, 16, ... positions over the rows still without a miss (early exit within each)."""
+    b, k = targets.shape
+    first = torch.full((b,), k, dtype=torch.long, device=h.device)
+    alive = torch.arange(b, device=h.device)
+    start, width = 0, 4
+    while start < k and alive.numel():
+        end = min(k, start + width)
+        r = memscore_examples(h[alive, start:end], weight, targets[alive, start:end], bias=bias,
+                              need_nll=False, early_exit=True, backend=backend)
+        miss = ~r.exact
+        first[alive[miss]] = start + r.first_mismatch[miss]
+        alive = alive[~miss]
+        start, width = end, 2 * width
+    return first == k, first, first.clone()
+
+
 def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin, tie_margin, need_nll,
-                    suppress_ids, backend, progress, margin_of_exact_only=False):
+                    suppress_ids, backend, progress, margin_of_exact_only=False, count_matched=True):
     """The one teacher-forced pass: (ScoreResult, near-tie rows [N] bool (all False unless
     ``want_margin``; only exact rows looked at with ``margin_of_exact_only``), parts, ids, p [N], k [N])."""
     _check_batch_size(batch_size)
@@ -278,9 +299,13 @@ def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin,
             h = final_hidden(parts, x[:, : hi - 1])[:, lo - 1: hi - 1]
             h = h.to(parts.head_device, parts.head_weight.dtype)  # e.g. under autocast
             dev = h.device
-            m_dev = None if uniform else mask.to(dev)
-            r = memscore_examples(h, parts.head_weight, targets.to(dev), bias=bias, mask=m_dev,
-                                  need_nll=need_nll, early_exit=not need_nll, backend=backend)
+            if uniform and not need_nll and not count_matched:
+                ex, fm, mt = _first_miss_staged(h, targets.to(dev), parts.head_weight, bias, backend)
+                r = ExampleScores(exact=ex, first_mismatch=fm, matched=mt, mean_nll=None)
+            else:
+                m_dev = None if uniform else mask.to(dev)
+                r = memscore_examples(h, parts.head_weight, targets.to(dev), bias=bias, mask=m_dev,
+                                      need_nll=need_nll, early_exit=not need_nll, backend=backend)
         else:
             h = model(input_ids=x[:, : hi - 1].to(parts.input_device)).logits[:, lo - 1: hi - 1]
             if suppress_ids:
@@ -374,17 +399,37 @@ def _extract(model, ids, prefix_len, suffix_len, batch_size, stop_on_mismatch, p
         margin = DEFAULT_TIE_MARGIN.get(_model_dtype(parts), 1e-3) if parts.head_weight is not None else 0.0
     pack = head_pack_for(parts) if backend in (None, "cpp") else None  # once for every batch
     bar = tqdm(total=n, unit="seq", desc="extract", disable=not progress, dynamic_ncols=True)
-    for i in range(0, n, batch_size):
-        rows = torch.arange(i, min(n, i + batch_size))
+    pool: list[torch.Tensor] = []  # rows the drafts left over in small numbers, decoded in full batches
+
+    def decode(rows, draft):
         out = greedy_decode(model, ids[rows, :p], k, reference=ids[rows, p: p + k],
-                            stop_on_mismatch=stop_on_mismatch, suppress_ids=suppress_ids, draft=prescreen,
-                            tie_margin=margin, backend=backend, parts=parts, head_pack=pack)
-        tokens[rows] = out.tokens.cpu()
-        matched[rows] = out.matched.cpu()
-        first[rows] = out.first_mismatch.cpu()
+                            stop_on_mismatch=stop_on_mismatch, suppress_ids=suppress_ids, draft=draft,
+                            tie_margin=margin, backend=backend, parts=parts, head_pack=pack,
+                            defer_fewer_than=batch_size // 2 if draft else 0)
+        done = ~out.deferred.cpu()
+        fin = rows[done]
+        tokens[fin] = out.tokens.cpu()[done]
+        matched[fin] = out.matched.cpu()[done]
+        first[fin] = out.first_mismatch.cpu()[done]
         if out.accepted is not None:
             decoded[rows] = ~out.accepted.cpu()
-        bar.update(rows.numel())
+        bar.update(fin.numel())
+        return rows[~done]
+
+    def flush(final):
+        nonlocal pool
+        rest = torch.cat(pool) if pool else torch.zeros(0, dtype=torch.long)
+        while rest.numel() >= batch_size or (final and rest.numel()):
+            decode(rest[:batch_size], False)
+            rest = rest[batch_size:]
+        pool = [rest] if rest.numel() else []
+
+    for i in range(0, n, batch_size):
+        left = decode(torch.arange(i, min(n, i + batch_size)), prescreen)
+        if left.numel():
+            pool.append(left)
+            flush(False)
+    flush(True)
     bar.close()
     return ExtractResult(tokens, matched, first, first == k, k, stop_on_mismatch, decoded)
 

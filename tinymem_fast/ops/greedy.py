@@ -278,6 +278,7 @@ class GreedyOutput:
     first_mismatch: torch.Tensor | None  # [B] int64: first differing position (k when none)
     steps: int                    # decoding steps run (fewer than k when every row stopped)
     accepted: torch.Tensor | None = None  # [B] bool: rows whose reference was accepted as a whole draft
+    deferred: torch.Tensor | None = None  # [B] bool: rows left undecoded (``defer_fewer_than``)
 
 
 def _copy_rows(cache, idx: torch.Tensor):
@@ -341,7 +342,8 @@ def _accept_drafts(parts: CausalLMParts, cache, first: torch.Tensor, ref: torch.
 def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
                   reference: torch.Tensor | None = None, stop_on_mismatch: bool = False, suppress_ids=None,
                   draft: bool = False, tie_margin: float = 1e-3, backend: str | None = None,
-                  parts: CausalLMParts | None = None, head_pack: HeadPack | None = None) -> GreedyOutput:
+                  parts: CausalLMParts | None = None, head_pack: HeadPack | None = None,
+                  defer_fewer_than: int = 0) -> GreedyOutput:
     """Decode ``k`` tokens greedily after each row of ``prefix`` ``[B, p]`` (no padding, no EOS stop).
 
     ``reference`` ``[B, k]``: the suffix to compare with; ``matched`` counts equal positions over the whole
@@ -352,6 +354,9 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
     ``draft``: try the reference as a draft right after the prefix (see :func:`_accept_drafts`); a row it
     accepts leaves the batch with its reference as its tokens (``accepted`` marks it). Memorized rows then
     cost one multi-token pass instead of ``k`` decoding steps, other rows one extra token of work.
+    ``defer_fewer_than``: with ``draft``, when fewer rows than this are left after the drafts, stop there
+    and mark them ``deferred`` (tokens -1): a caller decoding many batches pools such leftovers into full
+    batches, where one more prefill costs less than ``k`` steps for a handful of rows.
     ``head_pack``: the head converted by :func:`~tinymem_fast.ops.memscore.pack_head` (made here when
     None, where the screened head can run; pass one to share it between calls).
     """
@@ -369,10 +374,11 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
     dev_in, dev_head = parts.input_device, parts.head_device
     tokens = torch.full((b, k), -1, dtype=torch.long, device=dev_head)
     accepted = torch.zeros(b, dtype=torch.bool, device=dev_head) if draft else None
+    deferred = torch.zeros(b, dtype=torch.bool, device=dev_head)
     if b == 0:
         empty = torch.zeros(0, dtype=torch.long, device=dev_head)
         return GreedyOutput(tokens, empty if reference is not None else None,
-                            empty if reference is not None else None, 0, accepted)
+                            empty if reference is not None else None, 0, accepted, deferred)
     ref = reference.to(dev_head) if reference is not None else None
     draft = draft and parts.fused
     bias = head_bias(parts, suppress_ids) if parts.fused else None
@@ -405,6 +411,11 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
                 accepted[acc] = True
                 tokens[acc] = ref[acc]
                 keep = ~acc
+            left = int(rows.shape[0] - acc.sum())
+            if 0 < left < defer_fewer_than:
+                deferred[~acc] = True
+                tokens[~acc] = -1
+                break
         if stop_on_mismatch:
             hit = nxt == ref[rows, i]
             keep = hit if keep is None else keep & hit
@@ -422,4 +433,4 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
         matched = eq.sum(1)
         miss = ~eq
         first = torch.where(miss.any(1), miss.float().argmax(1), torch.full_like(matched, k))
-    return GreedyOutput(tokens, matched, first, steps, accepted)
+    return GreedyOutput(tokens, matched, first, steps, accepted, deferred)
