@@ -197,3 +197,18 @@ def test_suppress_eos(setup, tmp_path, capsys):
     sup, summary = _read(tmp_path / "sup", "score")
     assert plain[0]["exact"] and not sup[0]["exact"] and sup[0]["first_mismatch"] == j
     assert summary["suppressed_eos"] == [eos]
+
+
+def test_score_exact_only(setup, tmp_path, capsys):
+    root, mdir, ids, _ = setup
+    np.save(tmp_path / "ids.npy", ids.numpy().astype(np.int32))
+    common = ["score", str(mdir), "--input", str(tmp_path / "ids.npy"), "--prefix-len", str(P),
+              "--suffix-len", str(K), "--batch-size", "5", "--quiet"]
+    rc, _, err = _run([*common, "--exact-only", "--out", str(tmp_path / "fast")], capsys)
+    assert rc == 0, err
+    fast, summary = _read(tmp_path / "fast", "score")
+    rc, _, err = _run([*common, "--out", str(tmp_path / "full")], capsys)
+    full, _ = _read(tmp_path / "full", "score")
+    assert [(r["exact"], r["first_mismatch"]) for r in fast] == [(r["exact"], r["first_mismatch"]) for r in full]
+    assert all("fractional_tf" not in r for r in fast) and all("fractional_tf" in r for r in full)
+    assert summary["n_exact"] == 8

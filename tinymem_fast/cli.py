@@ -464,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--verify", nargs="?", const="margin", default="none", choices=("none", "margin", "full"),
                     help="re-decode near-tie rows (margin, the default when given) or all rows (full)")
     sc.add_argument("--nll", action="store_true", help="also the mean NLL of each suffix")
+    sc.add_argument("--exact-only", action="store_true",
+                    help="only the exact bit and first mismatch: nothing after a row's first miss is scored "
+                         "(faster; no teacher-forced matched_tf / fractional_tf columns)")
     sc.add_argument("--checkpoints", nargs="+", metavar="DIR",
                     help="score the input under each checkpoint (model folders, or a `tinymem train` run "
                          "folder for all of its checkpoints) and plot memorization over training")

@@ -614,8 +614,9 @@ def _device_name(device: torch.device) -> str:
 
 def score_for_mode(model, ids: torch.Tensor, p: int, k: int, *, command: str, mode: str, batch_size: int,
                    verify: bool | str, need_nll: bool, stop_on_mismatch: bool, backend: str | None,
-                   progress: bool, suppress_ids=None) -> dict[str, torch.Tensor]:
-    """The per-example columns ``tinymem score``/``extract`` write, as ``[N]`` (or ``[N, k]``) tensors."""
+                   progress: bool, suppress_ids=None, exact_only: bool = False) -> dict[str, torch.Tensor]:
+    """The per-example columns ``tinymem score``/``extract`` write, as ``[N]`` (or ``[N, k]``) tensors.
+    ``exact_only``: no teacher-forced matched count (``score_exact(count_matched=False)``)."""
     cols: dict[str, torch.Tensor] = {}
     if command == "extract":
         e = extract(model, ids, p, k, batch_size=batch_size, stop_on_mismatch=stop_on_mismatch,
@@ -624,9 +625,11 @@ def score_for_mode(model, ids: torch.Tensor, p: int, k: int, *, command: str, mo
                 "fractional": e.fractional, "tokens": e.tokens}
     if mode in ("exact", "both"):
         s = score_exact(model, ids, p, k, batch_size=batch_size, verify=verify, need_nll=need_nll,
-                        suppress_ids=suppress_ids, backend=backend, progress=progress)
-        cols.update(exact=s.exact, first_mismatch=s.first_mismatch, matched_tf=s.matched,
-                    fractional_tf=s.fractional)
+                        count_matched=not exact_only, suppress_ids=suppress_ids, backend=backend,
+                        progress=progress)
+        cols.update(exact=s.exact, first_mismatch=s.first_mismatch)
+        if not exact_only or need_nll:
+            cols.update(matched_tf=s.matched, fractional_tf=s.fractional)
         if need_nll:
             cols["nll"] = s.mean_nll
         if s.verified is not None:
@@ -699,6 +702,7 @@ def run_command(args, command: str) -> dict | None:
                           mode=getattr(args, "mode", "fractional"), batch_size=args.batch_size,
                           verify=getattr(args, "verify", False), need_nll=getattr(args, "nll", False),
                           stop_on_mismatch=getattr(args, "stop_on_mismatch", False), backend=args.backend,
+                          exact_only=getattr(args, "exact_only", False),
                           progress=not args.quiet and ctx.rank == 0,
                           suppress_ids=eos_ids(model) if getattr(args, "suppress_eos", False) else None)
     if hi == lo:
