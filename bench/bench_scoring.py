@@ -3,7 +3,9 @@
 Workloads (each scored on sequences its model has seen, so that a realistic share is memorized; random
 weights would fail every row at its first token and flatter early exits):
 
-* ``math``: the trained quick TinyMem math model (``BENCH_QUICK_MODEL=DIR``, else the cached
+* ``math``: a trained TinyMem math model (``BENCH_QUICK_MODEL=DIR``: any finished math run, e.g. one with
+  ``--set data.seq_numbers=30 --set data.max_ctx=200 --set data.prompt_len=50 --set data.mem_len=50`` for
+  50/50 windows; else the cached
   ``bench/.cache/quick-math-noise`` when it is finished) on its own training rows (noised rows first),
   prefix/suffix = the preset's prompt/window lengths; without a trained model, a tiny GPT-2 trained here
   for a few seconds on planted random rows (``planted``).
@@ -117,12 +119,19 @@ def math_workload(n: int):
     if not _smoke() and os.path.exists(os.path.join(run_dir, "run.json")):
         from tinymem_fast.data.dataset import build
 
-        cfg = get_preset("quick-math-noise")
-        data = build(cfg.data, seed=cfg.seed)
-        if _model_ready(run_dir, data.fingerprint()):
+        # a given folder may hold any math run (e.g. longer rows for 50/50 windows); the cached one must
+        # be the preset's
+        if given:
+            ready = os.path.isdir(os.path.join(run_dir, "final"))
+        else:
+            cfg = get_preset("quick-math-noise")
+            ready = _model_ready(run_dir, build(cfg.data, seed=cfg.seed).fingerprint())
+        if ready:
             model, data = _tinymem_run(run_dir)
             p, k = data.config.prompt_len, data.config.mem_len
-            return "math (quick TinyMem model)", model, _training_rows(data, n)[:, : p + k], p, k
+            tag = f", {os.path.basename(run_dir.rstrip('/'))}" if given else ""
+            name = f"math (quick TinyMem model{tag})"
+            return name, model, _training_rows(data, n)[:, : p + k], p, k
         if given:
             raise RuntimeError(f"BENCH_QUICK_MODEL={given!r} holds no finished quick-math-noise model")
     p, k = (8, 16) if _smoke() else (20, 20)
