@@ -95,14 +95,14 @@ def _layer_fact() -> list[tuple[str, str]]:
     """Only when BENCH_LAYERS=1 (about 25 minutes of training on 2 cores)."""
     if os.environ.get("BENCH_LAYERS") != "1":
         return []
-    means, walls = [], []
+    means = []
     for preset, sets in LAYER_RUNS:
-        wall, hist = _train(preset, sets)
+        _, hist = _train(preset, sets)
         last = [h["mem"] for h in hist if "mem" in h][-3:]
         means.append(sum(last) / len(last))
-        walls.append(wall)
+    # no wall times here: these runs are long enough that they are usually trained beside other work
     return [(f"layers at {LAYER_STEPS} steps: mem % at 2 / 4 / 8 layers (mean of the last 3 evaluations)",
-             " / ".join(f"{m:.1f}" for m in means) + f"; training {' / '.join(f'{w:.0f}' for w in walls)} s")]
+             " / ".join(f"{m:.1f}" for m in means))]
 
 
 def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
