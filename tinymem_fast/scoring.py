@@ -249,9 +249,10 @@ def _score_exact(model, ids, prefix_len, suffix_len, batch_size, verify, tie_mar
     return result
 
 
-def _first_miss_staged(h, targets, weight, bias, backend):
-    """(exact [b], first_mismatch [b], matched-before-the-miss [b]) of ``k`` suffix positions, scored in
-    stages of 4, 8, 16, ... positions over the rows still without a miss (early exit within each)."""
+def _first_miss_staged(h, targets, weight, bias, backend) -> ExampleScores:
+    """Exact bit and first mismatch of ``k`` suffix positions (``matched``: the tokens before the miss),
+    scored in stages of 4, 8, 16, ... positions over the rows still without a miss (early exit within
+    each)."""
     b, k = targets.shape
     first = torch.full((b,), k, dtype=torch.long, device=h.device)
     alive = torch.arange(b, device=h.device)
@@ -264,13 +265,13 @@ def _first_miss_staged(h, targets, weight, bias, backend):
         first[alive[miss]] = start + r.first_mismatch[miss]
         alive = alive[~miss]
         start, width = end, 2 * width
-    return first == k, first, first.clone()
+    return ExampleScores(exact=first == k, first_mismatch=first, matched=first.clone(), mean_nll=None)
 
 
 def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin, tie_margin, need_nll,
-                    suppress_ids, backend, progress, margin_of_exact_only=False, count_matched=True):
+                    suppress_ids, backend, progress, count_matched=True):
     """The one teacher-forced pass: (ScoreResult, near-tie rows [N] bool (all False unless
-    ``want_margin``; only exact rows looked at with ``margin_of_exact_only``), parts, ids, p [N], k [N])."""
+    ``want_margin``), parts, ids, p [N], k [N])."""
     _check_batch_size(batch_size)
     parts = split_causal_lm(model)
     ids = as_id_matrix(ids)
@@ -300,8 +301,7 @@ def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin,
             h = h.to(parts.head_device, parts.head_weight.dtype)  # e.g. under autocast
             dev = h.device
             if uniform and not need_nll and not count_matched:
-                ex, fm, mt = _first_miss_staged(h, targets.to(dev), parts.head_weight, bias, backend)
-                r = ExampleScores(exact=ex, first_mismatch=fm, matched=mt, mean_nll=None)
+                r = _first_miss_staged(h, targets.to(dev), parts.head_weight, bias, backend)
             else:
                 m_dev = None if uniform else mask.to(dev)
                 r = memscore_examples(h, parts.head_weight, targets.to(dev), bias=bias, mask=m_dev,
@@ -321,11 +321,8 @@ def _teacher_forced(model, ids, prefix_len, suffix_len, batch_size, want_margin,
             # a near-tie decides the result only up to the first miss; later positions cannot matter
             rank = torch.cumsum(mask, 1) - 1
             keep = (mask & (rank <= first[i:j, None])).to(dev)
-            sel = (exact[i:j].nonzero().reshape(-1) if margin_of_exact_only
-                   else torch.arange(j - i)).to(dev)
-            if sel.numel():
-                gap = top2_margin(parts, h[sel], keep[sel], bias).cpu()
-                suspect[i + sel.cpu()] = gap < margin
+            gap = top2_margin(parts, h, keep, bias).cpu()
+            suspect[i:j] = gap < margin
         bar.update(j - i)
     bar.close()
     return ScoreResult(exact, first, matched, k, nll), suspect, parts, ids, p, k

@@ -48,6 +48,7 @@
 #include <string>
 #include <vector>
 
+#include "float_bits.h"
 #include "memscore.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -67,18 +68,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 std::atomic<int64_t> g_stats[4];  // calls, rows screened, exact candidates, fallback rows
 
-inline uint32_t f2u(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-// round-to-nearest-even float32 -> bfloat16 bits (finite inputs)
-inline uint32_t bf16_bits(float x) {
-  uint32_t u = f2u(x);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return u >> 16;
-}
+using float_bits::bf16_bits;
 
 // a float32 >= x (x >= 0 or NaN), and >= FLT_MIN so that a flushing FPU cannot read it as zero
 inline float round_up_f(double x) {

@@ -24,27 +24,15 @@
 #include <immintrin.h>
 #endif
 
+#include "float_bits.h"
 #include "memscore_kernel.h"
 
 namespace tinymem::cpu {
 namespace {
 
-inline uint32_t f2u(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float u2f(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using float_bits::u2f;
 // round-to-nearest-even float32 -> bfloat16 -> float32 (NaN: unspecified)
-inline float round_bf16_scalar(float x) {
-  uint32_t u = f2u(x);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return u2f(u & 0xffff0000u);
-}
+inline float round_bf16_scalar(float x) { return u2f(float_bits::bf16_bits(x) << 16); }
 
 // ---------------------------------------------------------------------------------------------------
 // portable scalar engine (any CPU)
