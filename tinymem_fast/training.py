@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .memorization import memorization_stats
 from .metrics import evaluate_tests
 from .models import build_model, save_model
+from .models.mixed_precision import autocast, check_precision
 from .models.tinymem import save_pretrained_quietly
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str = "cpu"
     compile: bool = False             # torch.compile the loss (pays off on GPUs, where steps are tiny)
+    # "bf16": matmuls in bfloat16 under autocast, float32 weights/optimizer/loss (models/mixed_precision.py)
+    precision: str = "fp32"
     # regularizers (SPEC 5.2): spectral_norm | loss_truncation | example_tied_dropout | None
     regularizer: str | None = None
     spectral_lambda: float = 0.01
@@ -64,6 +67,7 @@ class TrainConfig:
     reg_timing_steps: int = 8         # steps timed with and without the regularizer (its cost); 0 = skip
 
     def validate(self) -> None:
+        check_precision(self.precision)
         if self.regularizer is not None:
             from .methods.regularizers import check_config
 
@@ -207,6 +211,7 @@ class Trainer:
     """One optimizer step at a time: loss (pad-masked unless ``loss_on_pad``), hooks, AdamW."""
 
     def __init__(self, model, cfg: TrainConfig, hooks: list[TrainHook] | None = None):
+        check_precision(cfg.precision)
         self.model, self.cfg, self.hooks = model, cfg, hooks or []
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=tuple(cfg.betas))
@@ -223,7 +228,8 @@ class Trainer:
             # counted target, so dropping them changes nothing but the work done.
             width = int((~pad).sum(1).max())
             x, pad = x[:, :width], pad[:, :width]
-        seq_loss, counts = self._loss(x, pad)
+        with autocast(self.model, self.cfg.precision, x.device.type):
+            seq_loss, counts = self._loss(x, pad)
         weights = None
         for h in self.hooks:
             w = h.per_sequence_weights(step, seq_loss.detach())
