@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/causal_attention.h"
 #include "cpu/head_screen.h"
 #include "cpu/masked_subnet.h"
 #include "cpu/memscore.h"
@@ -28,6 +29,12 @@ TORCH_LIBRARY(tinymem, m) {
   m.def("pack_head_bf16(Tensor weight) -> (Tensor packed, Tensor wnorm)");
   m.def("lm_head_argmax_screened(Tensor hidden, Tensor weight, Tensor packed, Tensor wnorm, Tensor? bias) "
         "-> Tensor");
+  // Fused causal self-attention for CPU training (csrc/cpu/causal_attention.cpp, ops/attention.py):
+  // q, k, v [B, H, S, D] float32 or bfloat16 (one dtype, any strides); out in q's dtype, lse float32
+  // [B, H, S] (natural-log row logsumexp of scale * q k^T over keys <= s), the backward's input.
+  m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
@@ -39,6 +46,8 @@ TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
   m.impl("lm_head_argmax", &tinymem::cpu::lm_head_argmax);
   m.impl("pack_head_bf16", &tinymem::cpu::pack_head_bf16);
   m.impl("lm_head_argmax_screened", &tinymem::cpu::lm_head_argmax_screened);
+  m.impl("causal_attention_fwd", &tinymem::cpu::causal_attention_fwd);
+  m.impl("causal_attention_bwd", &tinymem::cpu::causal_attention_bwd);
 }
 
 namespace {

@@ -1,0 +1,167 @@
+"""Fused causal self-attention for training small models on the CPU.
+
+:func:`causal_attention` computes ``F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)``
+for ``q, k, v`` of shape ``[B, H, S, D]`` and is differentiable in all three. On CPU tensors it runs the
+compiled kernel (``torch.ops.tinymem.causal_attention_fwd`` / ``causal_attention_bwd``,
+csrc/cpu/causal_attention.cpp) when the extension has it: one thread per (batch, head), every product
+and the softmax in float32 (bfloat16 inputs are widened on load), and a flash-attention backward that
+recomputes the probabilities from the forward's row logsumexp. At small-model shapes (S ~ 100, D ~ 32)
+that is several times faster than PyTorch's CPU attention, most of all for bfloat16. Everything else
+(other devices, dtypes other than float32 / bfloat16, mismatched shapes, ``D > MAX_HEAD_DIM``, no
+compiled extension) takes ``F.scaled_dot_product_attention`` itself, the reference.
+
+Inputs may have any strides; rows of ``D`` elements are read in place when ``stride(-1) == 1`` (Hugging
+Face's ``[B, S, H, D] -> [B, H, S, D]`` transposed views are read without a copy). The output -- and each
+gradient -- is a ``[B, H, S, D]`` tensor whose memory is ``[B, S, H, D]``-contiguous when its input is
+sequence-major (``stride(1) < stride(2)``, as those views are) and ``[B, H, S, D]``-contiguous otherwise,
+so the usual ``out.transpose(1, 2).reshape(B, S, H * D)`` afterwards is free.
+
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the inputs are cast to bfloat16 first, as autocast
+does for ``F.scaled_dot_product_attention``: the output is bfloat16 and gradients flow back to the
+float32 tensors through the casts. Backend choice follows :mod:`tinymem_fast.ops.registry`: ``backend=``
+(``"cpp"`` or ``"torch"``), else ``TINYMEM_BACKEND``, else the kernel when it can run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import registry
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+MAX_HEAD_DIM = 256  # kMaxHeadDim in csrc/cpu/causal_attention.cpp
+
+# op names the registry and `tinymem info` know
+OPS = ("causal_attention",)
+_EXT_OPS = ("causal_attention_fwd", "causal_attention_bwd")
+
+
+def _ext_has(op: str) -> bool:
+    try:
+        return hasattr(torch.ops.tinymem, op)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def causal_attention_available() -> bool:
+    """The compiled kernel can run here: the extension is loaded and has the attention ops."""
+    return registry.ext() is not None and all(_ext_has(op) for op in _EXT_OPS)
+
+
+# --- the compiled ops -------------------------------------------------------------------------
+
+
+def _result_like(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An empty result laid out as the kernel lays it out for input ``t`` (see the module docstring)."""
+    b, h, s, d = t.shape
+    if t.stride(1) < t.stride(2):
+        return t.new_empty((b, s, h, d), dtype=dtype).permute(0, 2, 1, 3)
+    return t.new_empty((b, h, s, d), dtype=dtype)
+
+
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations of the compiled ops, for torch.compile / FakeTensor tracing."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("tinymem::causal_attention_fwd")
+    def _fwd_fake(q, k, v, scale):
+        return _result_like(q, q.dtype), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("tinymem::causal_attention_bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, scale):
+        return _result_like(q, q.dtype), _result_like(k, k.dtype), _result_like(v, v.dtype)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        out, lse = torch.ops.tinymem.causal_attention_fwd(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.tinymem.causal_attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None)
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+_warned_fallback = False
+
+
+def _select(device: torch.device, backend: str | None) -> str:
+    """'cpp' or 'torch' for one call (input-dependent fallbacks are decided by the caller)."""
+    global _warned_fallback
+    requested = (backend or os.environ.get("TINYMEM_BACKEND") or "").lower()
+    if requested and requested not in registry.BACKENDS:
+        src = "backend=" if backend else "TINYMEM_BACKEND"
+        raise ValueError(f"unknown backend {requested!r} (from {src}); choose one of "
+                         f"{', '.join(registry.BACKENDS)}")
+    if requested == "torch":
+        return "torch"
+    if requested in ("triton", "cuda"):
+        if backend:
+            raise registry.BackendUnavailable(
+                f"causal_attention has no {requested} backend (it has cpp, for CPU tensors, and torch)")
+        requested = ""  # a process-wide GPU choice says nothing about this CPU-only op
+    why = registry.unavailable_reason("cpp", device) if device.type == "cpu" else "the kernel is CPU-only"
+    if not why and not causal_attention_available():
+        why = ("the compiled extension has no tinymem::causal_attention_fwd (stale build); rebuild with "
+               "pip install --no-build-isolation -e .")
+    if requested == "cpp":
+        if why:
+            raise registry.BackendUnavailable(
+                f"causal_attention: backend 'cpp' was requested but is unavailable: {why}")
+    elif why:
+        if device.type == "cpu" and not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"tinymem_fast: causal_attention kernel unavailable ({why}); using "
+                          "F.scaled_dot_product_attention", RuntimeWarning, stacklevel=3)
+        return "torch"
+    _register_fakes()
+    return "cpp"
+
+
+def _kernel_takes(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype in KERNEL_DTYPES
+            and k.dtype == q.dtype and v.dtype == q.dtype and 0 < q.shape[-1] <= MAX_HEAD_DIM
+            and k.device == q.device and v.device == q.device)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *,
+                     backend: str | None = None) -> Tensor:
+    """``softmax(scale * q k^T + causal mask) v`` for ``[B, H, S, D]`` inputs (see the module docstring).
+
+    ``scale`` defaults to ``1 / sqrt(D)``. With ``backend="cpp"`` unsupported inputs raise instead of
+    falling back to ``F.scaled_dot_product_attention``.
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    b = _select(q.device, backend)
+    if b == "cpp" and torch.is_autocast_enabled("cpu"):
+        # what autocast does to F.scaled_dot_product_attention's float32 inputs on the CPU
+        dt = torch.get_autocast_dtype("cpu")
+        q, k, v = (t.to(dt) if t.dtype == torch.float32 else t for t in (q, k, v))
+    if b == "cpp" and (backend or os.environ.get("TINYMEM_BACKEND", "")).lower() != "cpp":
+        if not _kernel_takes(q, k, v):
+            b = "torch"
+    if b == "torch":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return _CausalAttention.apply(q, k, v, float(scale))
