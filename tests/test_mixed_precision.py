@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny_models import rule_rows, tiny
-from tinymem_fast.models.mixed_precision import FP32_ATTENTION, _register, autocast, check_precision
+from tinymem_fast.models.mixed_precision import TRAIN_ATTENTION, _register, autocast, check_precision
 from tinymem_fast.training import TrainConfig, Trainer
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
-def test_attention_runs_in_float32_inside_the_bf16_region(arch, monkeypatch):
+def test_sdpa_fallback_runs_in_float32_inside_the_bf16_region(arch, monkeypatch):
+    monkeypatch.setenv("TINYMEM_BACKEND", "torch")  # the path taken without the compiled kernel
     model = tiny(arch).eval()
     seen = []
     sdpa = F.scaled_dot_product_attention
@@ -37,11 +38,51 @@ def test_attention_runs_in_float32_inside_the_bf16_region(arch, monkeypatch):
     assert err < 0.05 * ref.abs().max().item(), err
 
 
-def test_fp32_attention_equals_float32_sdpa_on_the_upcast_inputs():
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_fused_kernel_path_matches_the_float32_attention_path(arch, monkeypatch):
+    from tinymem_fast.ops.attention import causal_attention_available
+
+    if not causal_attention_available():
+        pytest.skip("compiled extension without the causal attention kernel")
+    model = tiny(arch).eval()
+    x = rule_rows(3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+        with autocast(model, "bf16", "cpu"):
+            fused = model(x).logits
+        monkeypatch.setenv("TINYMEM_BACKEND", "torch")
+        with autocast(model, "bf16", "cpu"):
+            sdpa32 = model(x).logits
+    # both run attention in float32 on the same bf16 activations: they differ by float32 rounding only,
+    # then by at most one bf16 rounding step of the layers after it
+    scale = ref.abs().max().item()
+    assert (fused.float() - sdpa32.float()).abs().max().item() < 0.02 * scale
+    assert (fused.float() - ref).abs().max().item() < 0.05 * scale
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padding_masks_survive_the_swap(arch):
+    model = tiny(arch).eval()
+    x = rule_rows(2, torch.Generator().manual_seed(3))
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # left padding: the fused causal kernel must not be used, and the mask must count
+    with torch.no_grad():
+        ref = model(x, attention_mask=mask).logits
+        plain = model(x).logits
+        with autocast(model, "bf16", "cpu"):
+            got = model(x, attention_mask=mask).logits.float()
+    scale = ref.abs().max().item()
+    assert (got[1, 5:] - ref[1, 5:]).abs().max().item() < 0.05 * scale
+    # and the mask did change row 1 (else the check above proves nothing)
+    assert (plain[1, 5:] - ref[1, 5:]).abs().max().item() > 0.1 * scale
+
+
+def test_fp32_attention_equals_float32_sdpa_on_the_upcast_inputs(monkeypatch):
+    monkeypatch.setenv("TINYMEM_BACKEND", "torch")
     _register()
     from transformers import AttentionInterface
 
-    fn = AttentionInterface._global_mapping[FP32_ATTENTION]
+    fn = AttentionInterface._global_mapping[TRAIN_ATTENTION]
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, 11, 16, generator=g).bfloat16() for _ in range(3))
     module = torch.nn.Module()
@@ -58,11 +99,11 @@ def test_config_restored_on_error_and_never_saved(tmp_path):
     model = tiny("gpt2")
     with pytest.raises(RuntimeError, match="boom"):
         with autocast(model, "bf16", "cpu"):
-            assert model.config._attn_implementation == FP32_ATTENTION
+            assert model.config._attn_implementation == TRAIN_ATTENTION
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     model.save_pretrained(tmp_path)
-    assert FP32_ATTENTION not in (tmp_path / "config.json").read_text()
+    assert TRAIN_ATTENTION not in (tmp_path / "config.json").read_text()
 
 
 def _train(precision, steps=4):

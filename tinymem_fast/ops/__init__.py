@@ -1,6 +1,7 @@
 """The public fast ops. Each op has a plain-PyTorch reference and dispatches per call to the best
 available backend (see :mod:`tinymem_fast.ops.registry`). Nothing here imports the rest of the package."""
 
+from .attention import causal_attention, causal_attention_available
 from .masked_subnet import (
     MaskedSubnet,
     SubnetSGD,
@@ -38,6 +39,8 @@ __all__ = [
     "SubnetSGD",
     "SubnetThreshold",
     "TokenScores",
+    "causal_attention",
+    "causal_attention_available",
     "lm_head_argmax",
     "masked_linear",
     "masked_weight",
