@@ -109,16 +109,17 @@ def _last3(runs) -> str:
 
 def _layer_fact() -> list[tuple[str, str]]:
     """BENCH_LAYERS=1: the longer budget (about 25 minutes of training on 2 cores); BENCH_LAYERS=epochs:
-    the many-epochs regime (about 20 minutes)."""
-    mode = os.environ.get("BENCH_LAYERS")
+    the many-epochs regime (about 20 minutes); BENCH_LAYERS=1,epochs: both."""
+    modes = set(os.environ.get("BENCH_LAYERS", "").split(","))
     # no wall times here: these runs are long enough that they are usually trained beside other work
-    if mode == "1":
-        return [(f"layers at {LAYER_STEPS} steps: mem % at 2 / 4 / 8 layers (mean of the last 3 evaluations)",
-                 _last3(LAYER_RUNS))]
-    if mode == "epochs":
-        return [("layers after 150 epochs of a 1,200-row set (400 noised at x1, bf16): mem % at 2 / 4 / 8 "
-                 "layers (mean of the last 3 evaluations)", _last3(EPOCH_LAYER_RUNS))]
-    return []
+    facts = []
+    if "1" in modes:
+        facts.append((f"layers at {LAYER_STEPS} steps: mem % at 2 / 4 / 8 layers (mean of the last 3 "
+                      "evaluations)", _last3(LAYER_RUNS)))
+    if "epochs" in modes:
+        facts.append(("layers after 150 epochs of a 1,200-row set (400 noised at x1, bf16): mem % at 2 / 4 / "
+                      "8 layers (mean of the last 3 evaluations)", _last3(EPOCH_LAYER_RUNS)))
+    return facts
 
 
 def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
