@@ -13,6 +13,7 @@ Training in ``fp32`` keeps the stock model untouched: it is the reference numeri
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +21,7 @@ import torch
 PRECISIONS = ("fp32", "bf16")
 TRAIN_ATTENTION = "tinymem_train_attention"
 _registered = False
+_warned_slow_bf16 = False
 
 
 def check_precision(precision: str) -> None:
@@ -69,6 +71,21 @@ def _register() -> None:
     _registered = True
 
 
+def _warn_if_no_fast_bf16() -> None:
+    global _warned_slow_bf16
+    if _warned_slow_bf16:
+        return
+    _warned_slow_bf16 = True
+    try:
+        fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast = False
+    if not fast:
+        warnings.warn("tinymem_fast: this CPU has no native bf16 matrix instructions (AVX512-BF16 / AMX); "
+                      "train.precision=bf16 will likely be slower than fp32 here", RuntimeWarning,
+                      stacklevel=3)
+
+
 @contextmanager
 def autocast(model, precision: str, device_type: str):
     """Run the forward pass under ``precision``. The model's attention implementation is swapped only
@@ -77,6 +94,8 @@ def autocast(model, precision: str, device_type: str):
     if precision == "fp32":
         yield
         return
+    if device_type == "cpu":
+        _warn_if_no_fast_bf16()
     config = getattr(model, "config", None)
     swap = device_type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
     if swap:
