@@ -42,6 +42,14 @@ EPOCH_LAYER_SETS = ["data.num_main=1000", "data.num_extra=300", "data.dup_groups
                     "train.ckpt_every=1000", "train.precision=bf16"]
 EPOCH_LAYER_RUNS = [("quick-math-noise", [f"model.n_layer={n}", *EPOCH_LAYER_SETS]) for n in (2, 4, 8)]
 
+# ... and on the language preset at its own budget (the seed-0 4-layer run is RUNS' own), two seeds
+def _language_sets(n: int, seed: int) -> list[str]:
+    return ([f"model.n_layer={n}"] if n != 4 else []) + ([f"seed={seed}"] if seed else [])
+
+
+LANGUAGE_LAYER_RUNS = {seed: [("quick-language-noise", _language_sets(n, seed)) for n in (2, 4, 8)]
+                       for seed in (0, 1)}
+
 
 def config_key(cfg) -> str:
     """Hash of the settings that differ from a default RunConfig: a new setting added to the library
@@ -98,27 +106,33 @@ def _at(hist: list[dict], step: int, key: str) -> float:
     return next(h[key] for h in hist if h["step"] == step)
 
 
-def _last3(runs) -> str:
+def _mean_last(runs, n: int = 3) -> str:
     means = []
     for preset, sets in runs:
         _, hist = _train(preset, sets)
-        last = [h["mem"] for h in hist if "mem" in h][-3:]
+        last = [h["mem"] for h in hist if "mem" in h][-n:]
         means.append(sum(last) / len(last))
     return " / ".join(f"{m:.1f}" for m in means)
 
 
 def _layer_fact() -> list[tuple[str, str]]:
     """BENCH_LAYERS=1: the longer budget (about 25 minutes of training on 2 cores); BENCH_LAYERS=epochs:
-    the many-epochs regime (about 20 minutes); BENCH_LAYERS=1,epochs: both."""
+    the many-epochs regime (about 20 minutes); BENCH_LAYERS=language: the language preset at 2 / 4 / 8
+    layers (about 8 minutes); a comma-separated list runs several."""
     modes = set(os.environ.get("BENCH_LAYERS", "").split(","))
     # no wall times here: these runs are long enough that they are usually trained beside other work
     facts = []
     if "1" in modes:
         facts.append((f"layers at {LAYER_STEPS} steps: mem % at 2 / 4 / 8 layers (mean of the last 3 "
-                      "evaluations)", _last3(LAYER_RUNS)))
+                      "evaluations)", _mean_last(LAYER_RUNS)))
     if "epochs" in modes:
         facts.append(("layers after 150 epochs of a 1,200-row set (400 noised at x1, bf16): mem % at 2 / 4 / "
-                      "8 layers (mean of the last 3 evaluations)", _last3(EPOCH_LAYER_RUNS)))
+                      "8 layers (mean of the last 3 evaluations)", _mean_last(EPOCH_LAYER_RUNS)))
+    if "language" in modes:
+        # evaluations at 200 / 400 / 600 steps, the first of them before any memorization
+        for seed, runs in LANGUAGE_LAYER_RUNS.items():
+            facts.append((f"language layers at 600 steps, seed {seed}: mem % at 2 / 4 / 8 layers (mean of "
+                          "the evaluations at 400 and 600 steps)", _mean_last(runs, 2)))
     return facts
 
 
