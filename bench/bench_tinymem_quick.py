@@ -42,13 +42,13 @@ EPOCH_LAYER_SETS = ["data.num_main=1000", "data.num_extra=300", "data.dup_groups
                     "train.ckpt_every=1000", "train.precision=bf16"]
 EPOCH_LAYER_RUNS = [("quick-math-noise", [f"model.n_layer={n}", *EPOCH_LAYER_SETS]) for n in (2, 4, 8)]
 
-# ... and on the language preset at its own budget (the seed-0 4-layer run is RUNS' own), two seeds
+# ... and on the language preset at its own budget (the seed-0 4-layer run is RUNS' own), three seeds
 def _language_sets(n: int, seed: int) -> list[str]:
     return ([f"model.n_layer={n}"] if n != 4 else []) + ([f"seed={seed}"] if seed else [])
 
 
 LANGUAGE_LAYER_RUNS = {seed: [("quick-language-noise", _language_sets(n, seed)) for n in (2, 4, 8)]
-                       for seed in (0, 1)}
+                       for seed in (0, 1, 2)}
 
 
 def config_key(cfg) -> str:
