@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
 #include "float_bits.h"
 
 namespace tinymem::cpu {
@@ -252,25 +253,9 @@ struct Isa {
   static constexpr int NT_R = 6, NT_NC = 4, MM_ACC = 24, MM_MAXV = 4, MM_MAXR = 12;
   using V = __m512;
   static constexpr bool kTranspose8 = true;
-  // dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block: pairs, then quads within 128-bit lanes, then
-  // the lane halves
+  // the 8 x 8 float block is a 256-bit job either way
   static inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-    __m256 r[8], t[8], u[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; ++c) {
-      _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));
-      _mm256_storeu_ps(dst + (c + 4) * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));
-    }
+    isa_avx2::Isa::transpose8(src, lds, dst, ldd);
   }
   static inline V zero() { return _mm512_setzero_ps(); }
   static inline V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -338,34 +323,6 @@ struct Isa {
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif  // TINYMEM_ATTN_X86
-
-// 2 = AVX-512, 1 = AVX2+FMA, 0 = portable
-int best_isa() {
-#ifdef TINYMEM_ATTN_X86
-  static const int level = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-    return 0;
-  }();
-  return level;
-#else
-  return 0;
-#endif
-}
-
-int chosen_isa() {
-  const int best = best_isa();
-  const char* env = std::getenv("TINYMEM_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  const std::string want(env);
-  const int level = want == "avx512" ? 2 : want == "avx2" ? 1 : want == "generic" ? 0 : -1;
-  TORCH_CHECK(level >= 0, "TINYMEM_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
-  TORCH_CHECK(level <= best, "TINYMEM_CPU_ISA=", want, " but this CPU does not support it");
-  return level;
-}
 
 using attn_detail::In;
 using attn_detail::Out;
@@ -438,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q_in, 
   }
   attn_detail::Fwd f{view_in(q), view_in(k), view_in(v), view_out(out), lse.data_ptr<float>(), B, H, S, D,
                      scale};
-  switch (chosen_isa()) {
+  switch (cpu_isa::chosen()) {
 #ifdef TINYMEM_ATTN_X86
     case 2: isa_avx512::run_forward(f); break;
     case 1: isa_avx2::run_forward(f); break;
@@ -468,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
   if (B * H * S * D == 0) return {dq, dk, dv};
   attn_detail::Bwd g{view_in(dout), view_in(q), view_in(k), view_in(v), view_in(out), lse.data_ptr<float>(),
                      view_out(dq), view_out(dk), view_out(dv), B, H, S, D, scale};
-  switch (chosen_isa()) {
+  switch (cpu_isa::chosen()) {
 #ifdef TINYMEM_ATTN_X86
     case 2: isa_avx512::run_backward(g); break;
     case 1: isa_avx2::run_backward(g); break;

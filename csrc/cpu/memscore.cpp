@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
 #include "float_bits.h"
 #include "memscore_kernel.h"
 
@@ -281,36 +282,8 @@ struct Isa {
 #pragma GCC pop_options
 #endif  // TINYMEM_X86_SIMD
 
-// 2 = AVX-512, 1 = AVX2+FMA+F16C, 0 = portable
-int best_isa() {
-#ifdef TINYMEM_X86_SIMD
-  static const int level = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;  // F16C comes with both
-    return 0;
-  }();
-  return level;
-#else
-  return 0;
-#endif
-}
-
-int chosen_isa() {
-  const int best = best_isa();
-  const char* env = std::getenv("TINYMEM_CPU_ISA");
-  if (env == nullptr || *env == '\0') return best;
-  const std::string want(env);
-  const int level = want == "avx512" ? 2 : want == "avx2" ? 1 : want == "generic" ? 0 : -1;
-  TORCH_CHECK(level >= 0, "TINYMEM_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
-  TORCH_CHECK(level <= best, "TINYMEM_CPU_ISA=", want, " but this CPU does not support it");
-  return level;
-}
-
 void run(const memscore_detail::Problem& p) {
-  switch (chosen_isa()) {
+  switch (cpu_isa::chosen()) {
 #ifdef TINYMEM_X86_SIMD
     case 2: isa_avx512::run(p); break;
     case 1: isa_avx2::run(p); break;

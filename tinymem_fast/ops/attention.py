@@ -42,16 +42,10 @@ OPS = ("causal_attention",)
 _EXT_OPS = ("causal_attention_fwd", "causal_attention_bwd")
 
 
-def _ext_has(op: str) -> bool:
-    try:
-        return hasattr(torch.ops.tinymem, op)
-    except (AttributeError, RuntimeError):
-        return False
-
 
 def causal_attention_available() -> bool:
     """The compiled kernel can run here: the extension is loaded and has the attention ops."""
-    return registry.ext() is not None and all(_ext_has(op) for op in _EXT_OPS)
+    return registry.ext() is not None and all(registry.ext_has(op) for op in _EXT_OPS)
 
 
 # --- the compiled ops -------------------------------------------------------------------------

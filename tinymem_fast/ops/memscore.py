@@ -241,12 +241,6 @@ def _triton():
     return tk
 
 
-def _ext_has(op: str) -> bool:
-    try:
-        return hasattr(torch.ops.tinymem, op)
-    except (AttributeError, RuntimeError):
-        return False
-
 
 _fakes_registered = False
 
@@ -267,7 +261,7 @@ def _register_fakes() -> None:
     def _argmax_fake(hidden, weight, bias, chunk_size):
         return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
 
-    if not _ext_has("lm_head_argmax_screened"):  # an extension from before the screened head
+    if not registry.ext_has("lm_head_argmax_screened"):  # an extension from before the screened head
         return
 
     @torch.library.register_fake("tinymem::pack_head_bf16")
@@ -283,9 +277,9 @@ def _register_fakes() -> None:
 
 def _select(op: str, ext_op: str, device: torch.device, backend: str | None) -> str:
     b = registry.select(op, device, backend)
-    if b in ("cpp", "cuda") and _ext_has(ext_op):
+    if b in ("cpp", "cuda") and registry.ext_has(ext_op):
         _register_fakes()
-    if b in ("cpp", "cuda") and not _ext_has(ext_op):
+    if b in ("cpp", "cuda") and not registry.ext_has(ext_op):
         # a compiled extension from before this op family existed: treat like a missing backend
         requested = backend or os.environ.get("TINYMEM_BACKEND")
         if requested:
@@ -387,7 +381,8 @@ def memscore_examples(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: 
 
 def head_screen_available() -> bool:
     """The compiled extension has the bf16-screened head and this CPU can run it (AVX512-BF16)."""
-    if registry.ext() is None or not (_ext_has("pack_head_bf16") and _ext_has("lm_head_argmax_screened")):
+    if registry.ext() is None or not all(registry.ext_has(op) for op in ("pack_head_bf16",
+                                                                          "lm_head_argmax_screened")):
         return False
     return bool(torch.ops.tinymem.head_screen_available())
 
@@ -459,7 +454,7 @@ def lm_head_argmax(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None
         return scores_torch(h, w, bias_c, None, False, chunk)[0]
     if b == "triton":
         return _triton().lm_head_argmax(h, w, bias_c, chunk)
-    if pack is not None and h.dtype == torch.float32 and h.device.type == "cpu" and _ext_has(
+    if pack is not None and h.dtype == torch.float32 and h.device.type == "cpu" and registry.ext_has(
             "lm_head_argmax_screened"):
         return torch.ops.tinymem.lm_head_argmax_screened(h, w, pack.packed, pack.wnorm, bias_c)
     return torch.ops.tinymem.lm_head_argmax(h, w, bias_c, chunk)

@@ -63,6 +63,14 @@ def ext():
     return _load_ext()[0]
 
 
+def ext_has(op: str) -> bool:
+    """``torch.ops.tinymem`` has ``op`` (an extension built before the op existed lacks it)."""
+    try:
+        return hasattr(torch.ops.tinymem, op)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def ext_status() -> dict:
     """What the compiled extension provides: loaded, reason, cpu, cuda, build metadata."""
     mod, reason = _load_ext()
