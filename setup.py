@@ -1,11 +1,14 @@
-"""Builds the optional compiled extension ``tinymem_fast._C``.
+"""Builds the compiled extension ``tinymem_fast._C`` against the torch already installed.
 
-C++ CPU kernels are always built; CUDA kernels too when the installed torch has CUDA and nvcc is found.
-If the extension cannot be built at all, the package still installs (pure Python, ``torch`` backend).
-Set ``TINYMEM_NO_EXT=1`` to skip the extension, ``TINYMEM_NO_CUDA=1`` to build the CPU part only,
-``TORCH_CUDA_ARCH_LIST`` to choose GPU archs (default: 8.0 and 9.0).
+C++ CPU kernels always; CUDA kernels too when that torch has CUDA. Nothing is skipped silently: a build
+that cannot happen (torch not importable, which is what pip's default build isolation does; torch with
+CUDA but no nvcc; a compiler error) stops with one line that says what to run. Opt-outs, only when asked:
+``TINYMEM_NO_EXT=1`` (pure Python, torch backend), ``TINYMEM_NO_CUDA=1`` (CPU kernels only).
+``TORCH_CUDA_ARCH_LIST`` chooses GPU archs (default: 8.0 and 9.0).
 
-Must be built against the torch already installed: ``pip install --no-build-isolation -e .``.
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) after ``pip install torch``. Making a
+source distribution needs no torch: ``python -m build --sdist`` (``python -m build --no-isolation`` for the
+sdist and a wheel).
 """
 
 import glob
@@ -21,8 +24,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = {"tinymem_fast": "tinymem_fast", "tinymem_fast.kernels": "kernels"}
 
 
+# setup.py commands that compile; egg_info, dist_info and sdist (metadata, source archives) do not
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "develop", "install", "editable_wheel"}
+_HOW = ("`pip install torch`, then `pip install --no-build-isolation .` (add -e for a checkout); "
+        "TINYMEM_NO_EXT=1 installs pure Python on the torch backend")
+
+
 def _log(msg: str) -> None:
     print(f"[tinymem_fast setup] {msg}", file=sys.stderr)
+
+
+def _stop(msg: str) -> None:
+    raise SystemExit(f"[tinymem_fast setup] error: {msg}")
 
 
 def _toolkit_of_nvcc() -> str | None:
@@ -52,8 +65,10 @@ def _toolkit_of_nvcc() -> str | None:
 
 def _extensions():
     if os.environ.get("TINYMEM_NO_EXT") == "1":
-        _log("TINYMEM_NO_EXT=1: skipping the compiled extension (torch backend only)")
+        _log("TINYMEM_NO_EXT=1: no compiled extension (pure Python, torch backend)")
         return [], {}
+    if not _BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return [], {}  # metadata or an sdist: nothing to compile, no torch needed
     want_cuda = os.environ.get("TINYMEM_NO_CUDA") != "1"
     if want_cuda and not os.environ.get("CUDA_HOME"):
         home = _toolkit_of_nvcc()
@@ -64,15 +79,22 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension as ce
     except ImportError:
-        _log("torch is not installed: install torch first, then `pip install --no-build-isolation -e .`")
-        return [], {}
+        _stop("torch is not importable here (pip's build isolation hides it): tinymem_fast compiles its "
+              f"kernels against the torch you run. {_HOW}")
 
-    with_cuda = want_cuda and torch.version.cuda is not None and ce.CUDA_HOME is not None
-    if want_cuda and not with_cuda:
-        why = "torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA toolkit not found"
-        _log(f"building CPU kernels only ({why})")
+    with_cuda = want_cuda and torch.version.cuda is not None
+    if with_cuda and ce.CUDA_HOME is None:
+        _stop(f"torch {torch.__version__} has CUDA {torch.version.cuda} but no CUDA toolkit (nvcc) was "
+              "found: put nvcc on PATH or set CUDA_HOME, or set TINYMEM_NO_CUDA=1 to build the CPU "
+              "kernels only")
+    if not want_cuda:
+        _log("TINYMEM_NO_CUDA=1: building the CPU kernels only")
+    elif not with_cuda:
+        _log("building the CPU kernels only (this torch has no CUDA)")
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not sources:
+        _stop(f"no C++ sources under {os.path.join(os.getcwd(), 'csrc')}: this source tree is incomplete")
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     # no -std: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20)
     cxx_flags = ["-O3", "-fopenmp", "-march=x86-64-v2"]
@@ -115,23 +137,23 @@ def _extensions():
         extra_compile_args=extra_compile,
         extra_link_args=extra_link,
     )
-    return [ext], {"build_ext": _optional_build_ext(ce.BuildExtension)}
+    return [ext], {"build_ext": _loud_build_ext(ce.BuildExtension)}
 
 
-def _optional_build_ext(base):
-    class OptionalBuildExt(base):
-        """A failed extension build leaves a working pure-Python install behind, and says why."""
+def _loud_build_ext(base):
+    class LoudBuildExt(base):
+        """A failed compile fails the install, ending on one line that says what to do."""
 
         def run(self):
             try:
                 super().run()
-            except Exception as exc:  # noqa: BLE001 - any compiler failure must not break the install
-                if os.environ.get("TINYMEM_REQUIRE_EXT") == "1":
-                    raise
-                _log(f"compiled extension NOT built ({type(exc).__name__}: {exc}); "
-                     "tinymem_fast will run on the torch backend")
+            except Exception as exc:  # noqa: BLE001 - re-raised with the way out
+                _log(f"compiling the extension failed ({type(exc).__name__}: {exc}); the compiler's output "
+                     "is above. TINYMEM_NO_CUDA=1 skips the CUDA kernels, TINYMEM_NO_EXT=1 installs pure "
+                     "Python on the torch backend")
+                raise
 
-    return OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
+    return LoudBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
 
 
 ext_modules, cmdclass = _extensions()

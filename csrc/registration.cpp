@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/causal_attention.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/head_screen.h"
 #include "cpu/masked_subnet.h"
 #include "cpu/memscore.h"
@@ -70,7 +71,20 @@ pybind11::dict build_info() {
 }
 }  // namespace
 
+pybind11::dict cpu_isa_info() {
+  namespace isa = tinymem::cpu::cpu_isa;
+  pybind11::dict d;
+  d["best"] = isa::name(isa::best());
+  const int want = isa::requested();
+  d["requested"] = want < 0 ? pybind11::object(pybind11::none())
+                            : pybind11::object(pybind11::str(isa::name(want)));
+  d["chosen"] = isa::name(isa::chosen());
+  return d;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tinymem_fast compiled kernels (ops are registered under torch.ops.tinymem)";
   m.def("build_info", &build_info, "torch/CUDA/Python versions this extension was built for");
+  m.def("cpu_isa", &cpu_isa_info,
+        "the CPU kernels' instruction-set level: this CPU's best, TINYMEM_CPU_ISA's request, the one in force");
 }

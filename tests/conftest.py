@@ -25,6 +25,17 @@ def backend_or_skip(backend: str, device: str = "cpu") -> str:
     return backend
 
 
+def isa_or_skip(name: str | None, monkeypatch) -> None:
+    """Run the CPU kernels at instruction-set level ``name`` (TINYMEM_CPU_ISA); None keeps the level in
+    force: this CPU's best, or the one the whole run was started with (.ci/run runs the kernel tests once
+    per level the machine has). A level this CPU lacks skips (the kernels would cap it to a lower one)."""
+    if name is None:
+        return
+    if name not in registry.cpu_isa_levels():
+        pytest.skip(f"this CPU has no {name} (it runs {', '.join(registry.cpu_isa_levels()) or 'none'})")
+    monkeypatch.setenv("TINYMEM_CPU_ISA", name)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

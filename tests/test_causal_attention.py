@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_or_skip
+from conftest import backend_or_skip, isa_or_skip
 
 from tinymem_fast.ops import registry
 from tinymem_fast.ops.attention import MAX_HEAD_DIM, causal_attention, causal_attention_available
@@ -25,8 +25,7 @@ def _kernel(monkeypatch):
     backend_or_skip("cpp")
     if not causal_attention_available():
         pytest.skip("the compiled extension has no causal attention ops (stale build)")
-    for var in ("TINYMEM_CPU_ISA", "TINYMEM_BACKEND"):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("TINYMEM_BACKEND", raising=False)
 
 
 def _inputs(b, h, s, d, dtype, layout, seed):
@@ -118,14 +117,7 @@ def test_long_sequences_and_unusual_head_dims(s, d):
 
 @pytest.mark.parametrize("isa", ("avx512", "avx2", "generic"))
 def test_every_isa_matches_reference(isa, monkeypatch):
-    monkeypatch.setenv("TINYMEM_CPU_ISA", isa)
-    q = torch.randn(1, 1, 2, 8)
-    try:
-        torch.ops.tinymem.causal_attention_fwd(q, q, q, 1.0)
-    except RuntimeError as exc:
-        if "does not support it" in str(exc):
-            pytest.skip(f"this CPU has no {isa}")
-        raise
+    isa_or_skip(isa, monkeypatch)
     for s, d in [(1, 8), (17, 80), (71, 32), (130, 64), (9, 7)]:
         for dtype in DTYPES:
             _check_against_reference(2, 2, s, d, dtype, "hf", seed=s * d)

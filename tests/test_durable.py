@@ -111,10 +111,8 @@ def test_durable_reduces_extraction(planted, arch, name):
     before = score_windows(base, secret, tsu.P, tsu.T).match
     assert before.all(), "fixture: the planted rows must be memorized"
     model, _ = _run(name, base, clean, secret, ratio=0.1)
-    after = score_windows(model, secret, tsu.P, tsu.T).match
-    assert int(after.sum()) < int(before.sum())
-    if arch == "gpt2":  # measured: ratio 0.1 removes all six on GPT-2, only some on GPTNeoX / Llama
-        assert not after.any()
+    e = tsu.unlearning_effect(base, model, secret, f"{name} {arch}")
+    assert e.nll_after >= e.nll_before + tsu.NLL_RISE[name], e
 
 
 def test_config_and_names():

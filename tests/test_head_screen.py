@@ -19,7 +19,7 @@ def _screened_head(monkeypatch):
     backend_or_skip("cpp")
     if not head_screen_available():
         pytest.skip("no bf16-screened head here (an extension without it, or a CPU without AVX512-BF16)")
-    for var in ("TINYMEM_HEAD_SCREEN", "TINYMEM_CPU_ISA", "TINYMEM_BACKEND"):
+    for var in ("TINYMEM_HEAD_SCREEN", "TINYMEM_BACKEND"):
         monkeypatch.delenv(var, raising=False)
 
 

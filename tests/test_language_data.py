@@ -123,7 +123,7 @@ def test_clear_errors(tmp_path):
 
 def test_hf_source_without_datasets_says_so(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(ImportError, match="optional package `datasets`"):
+    with pytest.raises(ImportError, match=r"package datasets: pip install 'tinymem_fast\[datasets\]'"):
         load_corpus(CorpusSpec(source="hf_disk", paths=[str(tmp_path)]))
 
 

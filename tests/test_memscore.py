@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import backend_or_skip
+from conftest import backend_or_skip, isa_or_skip
 from memscore_checks import (
     assert_argmax_close,
     assert_half_nll_rule,
@@ -34,21 +34,6 @@ from tinymem_fast.ops.memscore import (
 SHAPES = [(1, 37, 13), (7, 16, 14), (37, 37, 1000), (130, 64, 777)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CHUNKS = [None, 7, 333]
-
-
-def _isa(name, monkeypatch):
-    """Force one instruction-set variant of the cpp kernels (None = the best this CPU has)."""
-    if name is None:
-        monkeypatch.delenv("TINYMEM_CPU_ISA", raising=False)
-        return
-    monkeypatch.setenv("TINYMEM_CPU_ISA", name)
-    h = torch.zeros(1, 1, 4)
-    try:
-        memscore(h, torch.zeros(3, 4), torch.zeros(1, 1, dtype=torch.long), backend="cpp")
-    except RuntimeError as exc:
-        if "does not support" in str(exc):
-            pytest.skip(f"this CPU has no {name}")
-        raise
 
 
 def _flat_scores(h, w, b, y, backend, chunk=None, need_nll=True):
@@ -92,7 +77,7 @@ def test_half_precision_nll_error_rule(dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpp_matches_reference(shape, dtype, isa, monkeypatch):
     backend_or_skip("cpp")
-    _isa(isa, monkeypatch)
+    isa_or_skip(isa, monkeypatch)
     m, d, v = shape
     for bias in (True, False):
         h, w, b, y = random_problem(m, d, v, dtype, bias=bias, seed=3 * m + v)
@@ -151,7 +136,7 @@ def test_forced_ties_lowest_index_wins(backend, dtype, v, chunk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_early_exit_equals_full(dtype, isa, monkeypatch):
     backend_or_skip("cpp")
-    _isa(isa, monkeypatch)
+    isa_or_skip(isa, monkeypatch)
     g = torch.Generator().manual_seed(4)
     bsz, seq = 5, 9
     cases = [random_problem(bsz * seq, 40, 2000, dtype, bias=True, seed=8, hit_frac=0.8),

@@ -16,6 +16,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .optional import pyplot
+
 STEP_RE = re.compile(r"(?:step|checkpoint)[-_]?(\d+)$")
 
 
@@ -65,10 +67,7 @@ def score_checkpoints(checkpoints: list[tuple[int | None, str]], ids: torch.Tens
 
 
 def plot_over_training(records: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     xs = [r["step"] if r["step"] is not None else i for i, r in enumerate(records)]
     fig, ax = plt.subplots(figsize=(6.5, 4))

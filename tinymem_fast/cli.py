@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+from . import __version__
+from .optional import MissingExtra
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .info import collect, format_report
@@ -359,6 +362,7 @@ def _cmd_pythia(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinymem", description="Measure and remove memorization in LMs.")
+    p.add_argument("--version", action="version", version=f"tinymem_fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, compiled extension, backend per op")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -483,7 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except MissingExtra as exc:  # an optional package this command needs: one line naming its extra
+        print(f"tinymem {args.command}: {exc}", file=sys.stderr)
+        rc = 2
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun rank whose work is done (results written, process group destroyed) leaves without
         # interpreter finalization: rarely (twice in a few dozen 2-rank CPU test runs) gloo's threads

@@ -15,6 +15,7 @@ import time
 from .data.dataset import build
 from .experiments import append_row, forget_set, stats, unlearn
 from .models import load_model
+from .optional import MissingExtra, pyplot
 from .presets import get_preset
 from .training import build_model_for, train
 
@@ -86,12 +87,16 @@ def run_demo(out_dir: str, *, preset: str = "quick-math-noise", methods: dict | 
     table = format_table(base, rows, mem_key)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table + "\n")
-    plot(base, rows, mem_key, os.path.join(out_dir, "memorization_vs_accuracy.png"))
+    wrote = "table.md, results.jsonl, results.csv"
+    try:
+        plot(base, rows, mem_key, os.path.join(out_dir, "memorization_vs_accuracy.png"))
+        wrote += ", memorization_vs_accuracy.png"
+    except MissingExtra as exc:  # the results stand without the figure
+        say(f"no plot: {exc}")
     say("")
     say(table)
     say("")
-    say(f"total {time.perf_counter() - t_start:.0f} s; wrote {out_dir}/table.md, results.jsonl, results.csv, "
-        "memorization_vs_accuracy.png")
+    say(f"total {time.perf_counter() - t_start:.0f} s; wrote {out_dir}/{wrote}")
     return rows
 
 
@@ -118,10 +123,7 @@ def format_table(base: dict, rows: list[dict], mem_key: str) -> str:
 
 
 def plot(base: dict, rows: list[dict], mem_key: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     bx, by = _acc(base) * 100, base[mem_key]

@@ -17,6 +17,20 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def _cpu_isa_line() -> str:
+    try:
+        isa = registry.cpu_isa()
+    except RuntimeError as exc:  # an unknown TINYMEM_CPU_ISA
+        return f"error: {str(exc).splitlines()[0]}"
+    if isa is None:
+        return "n/a (no compiled extension)"
+    line = f"{isa['chosen']} (this CPU's best: {isa['best']}"
+    if isa["requested"] is not None:
+        capped = ", capped" if isa["requested"] != isa["chosen"] else ""
+        line += f"; TINYMEM_CPU_ISA={isa['requested']}{capped}"
+    return line + ")"
+
+
 def collect() -> dict:
     ext = registry.ext_status()
     cuda_ok = torch.cuda.is_available()
@@ -47,6 +61,7 @@ def collect() -> dict:
         "extension _C": ("loaded (" + ", ".join(p for p in ("cpu", "cuda") if ext[p]) + ")")
         if ext["loaded"] else f"not loaded: {ext['reason']}",
         "extension build": ext["build"],
+        "cpu isa": _cpu_isa_line(),
         "backends": avail,
         "default backend per op family": backends,
     }
@@ -64,6 +79,7 @@ def format_report(info: dict) -> str:
         b = info["extension build"]
         lines.append(f"    built for torch {b.get('torch')}, CUDA {b.get('cuda') or 'none'}, "
                      f"python {b.get('python')}, OpenMP {b.get('openmp')}")
+        lines.append(f"    CPU kernels' instruction set: {info['cpu isa']}")
     lines.append("")
     lines.append("  backends:")
     for k, v in info["backends"].items():

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .data.dataset import DataConfig
 from .models import ModelConfig
+from .optional import require
 from .training import TrainConfig
 
 
@@ -148,9 +149,7 @@ def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | N
             raise FileNotFoundError(f"config file {file!r} does not exist")
         with open(file) as f:
             if file.endswith((".yaml", ".yml")):
-                import yaml
-
-                tree = yaml.safe_load(f) or {}
+                tree = require("yaml", f"the YAML config {file!r}").safe_load(f) or {}
             else:
                 tree = json.load(f)
 

@@ -11,6 +11,8 @@ import json
 import os
 from collections import defaultdict
 
+from .optional import pyplot
+
 CATEGORY_ORDER = {"regularizer": 0, "fine-tuning": 1, "neuron": 2, "weight": 3}
 
 
@@ -109,10 +111,7 @@ def _png(fig) -> bytes:
 def scatter_png(rows: list[dict], best: dict) -> bytes:
     """Relative change in memorization (y) vs relative change in utility (x), every run faint, the best
     run per method labelled; one panel per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     settings = list(dict.fromkeys(_setting(r) for r in rows))
     fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 5), squeeze=False)
@@ -172,10 +171,7 @@ def epochs_series(rows: list[dict], best: dict) -> dict[str, list[tuple[float, f
 def epochs_png(series: dict) -> bytes | None:
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for m, pts in sorted(series.items()):

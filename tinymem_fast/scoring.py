@@ -39,6 +39,7 @@ from .ops.greedy import (
     top2_margin,
 )
 from .ops.memscore import ExampleScores, memscore_examples
+from .optional import require
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +467,10 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str 
     import transformers
     from transformers.utils import logging as hf_logging
 
-    kw = {"device_map": device_map} if device_map is not None else {}
+    kw = {}
+    if device_map is not None:
+        require("accelerate", f"device_map={device_map!r}")
+        kw["device_map"] = device_map
     # transformers < 4.56 names the argument torch_dtype
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype

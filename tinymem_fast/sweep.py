@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from .grids import get_grid
+from .optional import require
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,7 @@ def load_grid(grid: str) -> dict[str, list[dict]]:
         with open(grid) as f:
             text = f.read()
         if grid.endswith((".yaml", ".yml")):
-            import yaml
-
-            raw = yaml.safe_load(text)
+            raw = require("yaml", f"the YAML grid {grid!r}").safe_load(text)
         else:
             raw = json.loads(text)
         if not isinstance(raw, dict):

@@ -397,8 +397,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd(const at::Tensor& q_in, 
                      scale};
   switch (cpu_isa::chosen()) {
 #ifdef TINYMEM_ATTN_X86
-    case 2: isa_avx512::run_forward(f); break;
-    case 1: isa_avx2::run_forward(f); break;
+    case cpu_isa::kAvx512Bf16:
+    case cpu_isa::kAvx512: isa_avx512::run_forward(f); break;
+    case cpu_isa::kAvx2: isa_avx2::run_forward(f); break;
 #endif
     default: isa_generic::run_forward(f); break;
   }
@@ -427,8 +428,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd(
                      view_out(dq), view_out(dk), view_out(dv), B, H, S, D, scale};
   switch (cpu_isa::chosen()) {
 #ifdef TINYMEM_ATTN_X86
-    case 2: isa_avx512::run_backward(g); break;
-    case 1: isa_avx2::run_backward(g); break;
+    case cpu_isa::kAvx512Bf16:
+    case cpu_isa::kAvx512: isa_avx512::run_backward(g); break;
+    case cpu_isa::kAvx2: isa_avx2::run_backward(g); break;
 #endif
     default: isa_generic::run_backward(g); break;
   }

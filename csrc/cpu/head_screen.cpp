@@ -36,6 +36,8 @@
 //  entry is NaN, +inf or finite beyond 2^126 (bias -inf, used to suppress tokens, is fine).
 #include "head_screen.h"
 
+#include "cpu_isa.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -141,14 +143,8 @@ void push_cand(RowState& s, int32_t v, float up, size_t max_cands) {
   }
 }
 
-bool isa_is_generic() {
-  const char* env = std::getenv("TINYMEM_CPU_ISA");
-  if (env == nullptr || *env == '\0') return 0;
-  const std::string want(env);
-  TORCH_CHECK(want == "avx512" || want == "avx2" || want == "generic",
-              "TINYMEM_CPU_ISA must be avx512, avx2 or generic, got '", want, "'");
-  return want == "generic";
-}
+// The exact stage reproduces the float32 kernel of the level in force: unfused under generic.
+bool isa_is_generic() { return cpu_isa::chosen() == cpu_isa::kGeneric; }
 
 #ifdef TINYMEM_HEAD_SCREEN_X86
 #pragma GCC push_options
@@ -277,17 +273,16 @@ float lvec_max(const RowState& st) { return _mm512_reduce_max_ps(_mm512_load_ps(
 
 }  // namespace
 
-bool head_screen_available() {
+bool head_screen_supported() {
 #ifdef TINYMEM_HEAD_SCREEN_X86
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  }();
-  return ok;
+  return cpu_isa::best() >= cpu_isa::kAvx512Bf16;
 #else
   return false;
 #endif
+}
+
+bool head_screen_available() {
+  return head_screen_supported() && cpu_isa::chosen() >= cpu_isa::kAvx512Bf16;
 }
 
 std::tuple<at::Tensor, at::Tensor> pack_head_bf16(const at::Tensor& weight) {
@@ -329,7 +324,7 @@ at::Tensor lm_head_argmax_screened(const at::Tensor& hidden, const at::Tensor& w
                                    const at::Tensor& packed, const at::Tensor& wnorm,
                                    const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "lm_head_argmax_screened";
-  TORCH_CHECK(head_screen_available(), op,
+  TORCH_CHECK(head_screen_supported(), op,
               ": this CPU has no AVX512-BF16 (check head_screen_available() first; lm_head_argmax gives the "
               "same result)");
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), op,

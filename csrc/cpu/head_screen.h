@@ -10,6 +10,9 @@
 namespace tinymem::cpu {
 
 // The CPU has AVX512F/BW/VL and AVX512_BF16 (the screened op refuses to run otherwise).
+bool head_screen_supported();
+
+// Supported, and the ISA level in force (TINYMEM_CPU_ISA) is avx512_bf16: callers pick the screen only then.
 bool head_screen_available();
 
 // weight float32 [V, d] -> (packed bfloat16 [ceil(V/16), ceil(d/2), 32], wnorm float32 [V] = ||W[v]||_2

@@ -285,8 +285,9 @@ struct Isa {
 void run(const memscore_detail::Problem& p) {
   switch (cpu_isa::chosen()) {
 #ifdef TINYMEM_X86_SIMD
-    case 2: isa_avx512::run(p); break;
-    case 1: isa_avx2::run(p); break;
+    case cpu_isa::kAvx512Bf16:
+    case cpu_isa::kAvx512: isa_avx512::run(p); break;
+    case cpu_isa::kAvx2: isa_avx2::run(p); break;
 #endif
     default: isa_generic::run(p); break;
   }

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..optional import require
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("bundled", "files", "hf_disk", "hf_cache")
@@ -210,11 +212,7 @@ def _import_datasets():
     # Keep `datasets` optional and make sure it never reaches for the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError("corpus sources 'hf_disk' and 'hf_cache' need the optional package `datasets` "
-                          "(pip install datasets)") from None
+    datasets = require("datasets", "the corpus sources 'hf_disk' and 'hf_cache'")
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # in case it was imported before we set them
         if hasattr(datasets.config, name):
             setattr(datasets.config, name, True)

@@ -80,6 +80,28 @@ def ext_status() -> dict:
     return {"loaded": True, "reason": "", "cpu": True, "cuda": bool(info.get("with_cuda")), "build": info}
 
 
+#: The CPU kernels' instruction-set levels, lowest first (csrc/cpu/cpu_isa.h); TINYMEM_CPU_ISA picks one.
+CPU_ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16")
+
+
+def cpu_isa() -> dict | None:
+    """The CPU kernels' instruction-set level: ``best`` (this CPU's), ``requested`` (TINYMEM_CPU_ISA or
+    None) and ``chosen`` (the one in force: the request capped at ``best``); None without the extension
+    (or one built before the levels were exposed)."""
+    mod = ext()
+    if mod is None or not hasattr(mod, "cpu_isa"):
+        return None
+    return dict(mod.cpu_isa())
+
+
+def cpu_isa_levels() -> tuple[str, ...]:
+    """Every level this CPU can run, lowest first: the settings of TINYMEM_CPU_ISA worth testing here."""
+    info = cpu_isa()
+    if info is None:
+        return ()
+    return CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(info["best"]) + 1]
+
+
 # --- triton -----------------------------------------------------------------------------------
 
 
