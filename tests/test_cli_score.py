@@ -121,7 +121,7 @@ def _write(path, text):
     ("too_short", "sequence 1 has 10 tokens, fewer than prefix_len + suffix_len = 24"),
     ("vocab", "token id 40 in sequence 0"),
     ("context", "exceeds the model's context of 40"),
-    ("not_lm", "is not a causal LM checkpoint"),
+    ("not_lm", "encoder (bidirectional attention"),
     ("no_config", "no config.json"),
     ("tok_mismatch", "has 50 tokens but the model's vocabulary has 40"),
     ("missing", "does not exist"),

@@ -84,3 +84,46 @@ def test_two_ranks_extract_and_errors(inputs, tmp_path):
     assert [x["tokens"] for x in rows] == gen.tolist()
     bad = _torchrun(["score", *common, "--suffix-len", "100", "--out", str(tmp_path / "b")], tmp_path)
     assert bad.returncode != 0 and bad.stderr.count("is longer than the sequences") == 1
+
+
+def _two_ranks(per_rank_args, tmp_path):
+    """Rank 0 and rank 1 started by hand (as torchrun would), each with its own arguments."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, args in enumerate(per_rank_args):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tinymem_fast", *args], env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs, strict=True)]
+
+
+def _score_args(inputs, tmp_path, ids_file):
+    return ["score", str(inputs / "model"), "--input", str(ids_file), "--prefix-len", str(P), "--suffix-len",
+            str(K), "--device", "cpu", "--quiet", "--out", str(tmp_path / "out")]
+
+
+def test_an_error_on_rank_1_reaches_the_user(inputs, tmp_path):
+    """Rank 1 cannot read its input: rank 0 says so, naming the rank, and both exit 2 without scoring."""
+    res = _two_ranks([_score_args(inputs, tmp_path, inputs / "ids.pt"),
+                      _score_args(inputs, tmp_path, tmp_path / "missing.pt")], tmp_path)
+    assert [rc for rc, _ in res] == [2, 2], res
+    lines = res[0][1].strip().splitlines()
+    assert len(lines) == 1 and "rank 1:" in lines[0] and "missing.pt" in lines[0], res[0][1]
+    assert "Traceback" not in res[0][1] + res[1][1]
+    assert not (tmp_path / "out" / "score.jsonl").exists()
+
+
+def test_ranks_with_different_inputs_are_refused(inputs, tmp_path):
+    torch.save(torch.load(inputs / "ids.pt")[:7], tmp_path / "fewer.pt")
+    res = _two_ranks([_score_args(inputs, tmp_path, inputs / "ids.pt"),
+                      _score_args(inputs, tmp_path, tmp_path / "fewer.pt")], tmp_path)
+    assert [rc for rc, _ in res] == [2, 2], res
+    assert "the ranks read different inputs (rank 0: 13 rows" in res[0][1] and "rank 1: 7 rows" in res[0][1]
+    assert "Traceback" not in res[0][1] + res[1][1]

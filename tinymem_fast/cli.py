@@ -7,8 +7,37 @@ import json
 import os
 import sys
 
-from . import __version__
+from . import __version__, atomic
 from .optional import MissingExtra
+
+# What a user can cause (bad settings, missing files, a missing optional package, a backend asked for
+# that cannot run here); each command still catches what it can word better, this is the one path for
+# everything else.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               MissingExtra)
+
+
+def _user_errors() -> tuple:
+    from .ops.registry import BackendUnavailable  # torch is imported only once a command runs
+
+    return (*USER_ERRORS, BackendUnavailable)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError | OSError) and exc.args and isinstance(exc.args[-1], str):
+        text = exc.args[-1] if not getattr(exc, "filename", None) else f"{exc.args[-1]}: {exc.filename}"
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -108,14 +137,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parse_hp(items: list[str]) -> dict:
-    from .presets import _coerce
+    from .validation import parse_like
 
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--hp expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = _coerce(v.strip(), None)
+        out[k.strip()] = parse_like(v.strip(), None)
     return out
 
 
@@ -161,7 +190,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     import os
 
     from .data.dataset import build
-    from .experiments import NothingMemorized, append_row, forget_set, stats, unlearn
+    from .experiments import NothingMemorized, append_row, check_model_fits_data, forget_set, stats, unlearn
+    from .methods.registry import make_config
     from .models import load_model, save_model
     from .presets import RunConfig, apply_overrides, get_preset
 
@@ -182,8 +212,11 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             cfg = get_preset(args.preset or "quick")
         cfg = apply_overrides(cfg, args.set)
         hps = _method_hparams(methods, args.hp, args.quick_defaults)
+        for m in methods:  # every method's settings, before the first one runs
+            make_config(m, hps[m.name])
         model = load_model(model_path, device=args.device or "cpu")
         data = build(cfg.data, seed=cfg.seed, workdir=run_dir if os.path.exists(info_path) else None)
+        check_model_fits_data(model, data, model_path)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"tinymem unlearn: {exc}", file=sys.stderr)
         return 2
@@ -385,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "or for one method (--hp greedy:ratio=1e-4)")
     un.add_argument("--quick-defaults", action="store_true",
                     help="start from the CPU-sized quick settings instead of the paper's")
-    un.add_argument("--retain-size", type=int, default=2000)
+    un.add_argument("--retain-size", type=_positive_int, default=2000)
     un.add_argument("--seed", type=int, default=0)
     un.add_argument("--device")
     un.add_argument("--out", default="tinymem_results")
@@ -398,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--grid", default="quick", help="quick, paper, or a YAML/JSON file")
     sw.add_argument("--seeds", type=int, nargs="+", default=[0])
     sw.add_argument("--shard", help="i/n: run every n-th run starting at i (torchrun sets it from RANK)")
-    sw.add_argument("--retain-size", type=int, default=2000)
+    sw.add_argument("--retain-size", type=_positive_int, default=2000)
     sw.add_argument("--device")
     sw.add_argument("--out", default="tinymem_sweep")
     sw.add_argument("--dry-run", action="store_true", help="list this shard's runs and exit")
@@ -425,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     py.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     py.add_argument("--device")
     py.add_argument("--device-map", help="e.g. auto: shard a model that does not fit one GPU")
-    py.add_argument("--retain-size", type=int, default=1632)
+    py.add_argument("--retain-size", type=_positive_int, default=1632)
     py.add_argument("--batch-size", type=int, default=32)
     py.add_argument("--seed", type=int, default=0)
     py.add_argument("--out", default="tinymem_pythia")
@@ -488,9 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None):
+            from .validation import check_device
+
+            check_device(args.device)
+        if getattr(args, "out", None):  # where the results go is checked before the work that makes them
+            atomic.writable_folder(args.out)
         rc = args.func(args)
-    except MissingExtra as exc:  # an optional package this command needs: one line naming its extra
-        print(f"tinymem {args.command}: {exc}", file=sys.stderr)
+    except _user_errors() as exc:  # expected failures: one line and exit code 2; a traceback means a bug
+        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        print(f"tinymem {args.command}: {f'rank {rank}: ' if rank else ''}{_one_line(exc)}", file=sys.stderr)
         rc = 2
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun rank whose work is done (results written, process group destroyed) leaves without

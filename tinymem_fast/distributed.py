@@ -8,6 +8,7 @@ function here is a no-op on one process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,27 @@ def init_from_env(device: str | None = None) -> DistContext:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         here = True
     return DistContext(dist.get_rank(), dist.get_world_size(), dev, here)
+
+
+def agree_on_work(ctx: DistContext, failure: BaseException | None, work: torch.Tensor | None,
+                  error=ValueError) -> None:
+    """Before any rank starts: every rank learns whether every other rank could prepare its input, and
+    that all ranks read the same examples. Otherwise every rank leaves the process group and raises
+    ``error`` with one line naming the ranks (rank 0 is the one that prints it), instead of the ranks
+    that succeeded waiting in a collective for the one that did not."""
+    mine = (None if failure is None else (str(failure).strip().splitlines() or [type(failure).__name__])[0],
+            None if work is None else (tuple(work.shape), hashlib.sha256(work.cpu().contiguous().numpy()
+                                                                           .tobytes()).hexdigest()[:12]))
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, mine)  # our own ranks' tuples of strings and ints
+    failed = [f"rank {r}: {msg}" for r, (msg, _) in enumerate(everyone) if msg is not None]
+    works = [w for _, w in everyone]
+    if not failed and len(set(works)) > 1:
+        failed = ["the ranks read different inputs (" + ", ".join(
+            f"rank {r}: {w[0][0]} rows, sha256 {w[1]}" for r, w in enumerate(works)) + ")"]
+    if failed:
+        finish(ctx, barrier=False)
+        raise error("; ".join(failed))
 
 
 def finish(ctx: DistContext, barrier: bool = True) -> None:

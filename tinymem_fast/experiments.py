@@ -60,8 +60,23 @@ def forget_set(model, data, batch_size: int = 256) -> tuple[torch.Tensor, torch.
     raise ValueError("the dataset has no artifact, so there is no memorized set to forget")
 
 
+def check_model_fits_data(model, data, where: str = "the model") -> None:
+    """The model embeds every token id of the data and every position of its rows (else its forward
+    pass fails midway, or indexes out of range)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < data.vocab_size:
+        raise ValueError(f"{where} has a vocabulary of {vocab} ids but the data uses {data.vocab_size}: it "
+                         "was trained on other data (pass the run folder it came from, or --preset/--set to "
+                         "match)")
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and ctx < data.rows.shape[1]:
+        raise ValueError(f"{where} handles {ctx} positions but the data's rows have {data.rows.shape[1]}")
+
+
 def retain_set(data, forget_idx: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
     """Clean training rows (no artifact, none of the forget rows), sampled without replacement."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"retain_size must be a whole number >= 1 (None: every clean row), got {size!r}")
     pool = data.clean_rows()
     overlap = torch.isin(pool, forget_idx)
     if overlap.any():

@@ -17,6 +17,7 @@ from .data.dataset import DataConfig
 from .models import ModelConfig
 from .optional import require
 from .training import TrainConfig
+from .validation import like_default, parse_like
 
 
 @dataclass
@@ -102,44 +103,54 @@ def get_preset(name: str) -> RunConfig:
     return PRESETS[key]()
 
 
-def _coerce(value: str, current):
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    if value.lower() in ("none", "null"):
-        return None
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
-    if isinstance(current, list) or value.startswith("["):
-        return json.loads(value)
-    if current is None:
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-    return value
+def _names(obj) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(obj))
 
 
 def _set_field(obj, dotted: str, value) -> None:
     parts = dotted.split(".")
     target = obj
-    for p in parts[:-1]:
-        if not dataclasses.is_dataclass(target) or not hasattr(target, p):
-            raise KeyError(dotted)
+    for i, p in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(target) or p not in _names(target):
+            where = ".".join(parts[:i]) or "the run"
+            kinds = [n for n in _names(target) if dataclasses.is_dataclass(getattr(target, n))] \
+                if dataclasses.is_dataclass(target) else []
+            raise KeyError(f"unknown setting {dotted!r}: {where} has no section {p!r}"
+                           + (f" (sections: {', '.join(kinds)})" if kinds else ""))
         target = getattr(target, p)
     name = parts[-1]
-    if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-        valid = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else []
+    if not dataclasses.is_dataclass(target) or name not in _names(target):
+        valid = _names(target) if dataclasses.is_dataclass(target) else []
         where = ".".join(parts[:-1]) or "run"
         raise KeyError(f"unknown setting {dotted!r}; valid {where} settings: {', '.join(valid)}")
     cur = getattr(target, name)
-    setattr(target, name, _coerce(value, cur) if isinstance(value, str) else value)
+    if dataclasses.is_dataclass(cur):
+        raise KeyError(f"{dotted!r} is a section, not a setting: set its keys, e.g. {dotted}."
+                       f"{_names(cur)[0]}=VALUE")
+    annotation = next(f.type for f in dataclasses.fields(target) if f.name == name)
+    setattr(target, name, like_default(dotted, value, cur, parse=parse_like, annotation=annotation))
+
+
+def read_tree(path: str, what: str):
+    """A JSON or YAML file's contents; a parse error names the file and, where known, the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".yaml", ".yml")):
+                yaml = require("yaml", f"the YAML {what} {path!r}")
+                try:
+                    return yaml.safe_load(f) or {}
+                except yaml.YAMLError as exc:
+                    mark = getattr(exc, "problem_mark", None)
+                    at = f" at line {mark.line + 1}" if mark is not None else ""
+                    raise ValueError(f"{what} {path!r} is not valid YAML{at}: "
+                                     f"{getattr(exc, 'problem', None) or exc}") from None
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{what} {path!r} is not valid JSON (line {exc.lineno}: {exc.msg})") \
+                    from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text") from None
 
 
 def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | None = None) -> RunConfig:
@@ -147,11 +158,10 @@ def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | N
     if file:
         if not os.path.exists(file):
             raise FileNotFoundError(f"config file {file!r} does not exist")
-        with open(file) as f:
-            if file.endswith((".yaml", ".yml")):
-                tree = require("yaml", f"the YAML config {file!r}").safe_load(f) or {}
-            else:
-                tree = json.load(f)
+        tree = read_tree(file, "config file")
+        if not isinstance(tree, dict):
+            raise ValueError(f"config file {file!r} must hold a mapping of sections (data:, model:, train:), "
+                             f"got a {type(tree).__name__}")
 
         def walk(prefix: str, node):
             for k, v in node.items():
@@ -161,7 +171,10 @@ def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | N
                 else:
                     _set_field(cfg, key, v)
 
-        walk("", tree)
+        try:
+            walk("", tree)
+        except KeyError as exc:
+            raise ValueError(f"config file {file!r}: {exc.args[0]}") from None
     for s in sets or []:
         if "=" not in s:
             raise ValueError(f"--set expects key=value, got {s!r}")

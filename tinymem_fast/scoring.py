@@ -22,13 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import pickle
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from . import atomic
+from .models.tinymem import check_causal_config, check_loading_info, unsafe_pickle_message
 from .ops.greedy import (
     CausalLMParts,
     final_hidden,
@@ -474,16 +476,24 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str 
     # transformers < 4.56 names the argument torch_dtype
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
+    check_causal_config(path, cfg)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our own
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would bury our one-line verdict on it
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
-                                                     trust_remote_code=False, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
+                                                           trust_remote_code=False, output_loading_info=True,
+                                                           **kw)
+    except pickle.UnpicklingError:
+        raise ScoringInputError(unsafe_pickle_message(path)) from None
     except (ValueError, KeyError, OSError, TypeError, ImportError) as exc:
         raise ScoringInputError(f"{path!r} is not a causal LM checkpoint: {_first_line(exc)}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    check_loading_info(path, info)
     if device_map is None and device is not None:
         model = model.to(device)
     return model.eval()
@@ -515,6 +525,9 @@ def _line_ids(obj, lineno: int, path: str, tokenizer) -> list[int]:
         seq = obj["ids"]
         if not isinstance(seq, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
             raise ScoringInputError(f"{where}: \"ids\" must be a list of integers")
+        bad = next((t for t in seq if not 0 <= t < 2**63), None)
+        if bad is not None:
+            raise ScoringInputError(f"{where}: token id {bad} is not a vocabulary index (0 <= id < 2**63)")
         return seq
     if not isinstance(obj["text"], str):
         raise ScoringInputError(f"{where}: \"text\" must be a string")
@@ -535,8 +548,12 @@ def load_sequences(path: str, tokenizer=None) -> list[list[int]] | torch.Tensor:
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
         out = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ScoringInputError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start})") from None
                 if not line.strip():
                     continue
                 try:
@@ -595,16 +612,7 @@ def to_matrix(seqs, need: int) -> torch.Tensor:
 
 
 def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic.write_text(path, write)
 
 
 def _device_name(device: torch.device) -> str:
@@ -665,6 +673,7 @@ def run_command(args, command: str) -> dict | None:
     from . import distributed as dist_
 
     ctx = dist_.init_from_env(args.device)
+    failure = None
     try:
         if args.prefix_len < 1 or args.suffix_len < 1:
             raise ScoringInputError("--prefix-len and --suffix-len must be >= 1")
@@ -690,9 +699,15 @@ def run_command(args, command: str) -> dict | None:
             check_tokenizer(tokenizer, model, tok_dir)
         parts = split_causal_lm(model)
         validate_ids(ids, parts, need)
+    except (ValueError, FileNotFoundError) as exc:
+        if not ctx.active:
+            raise
+        failure = exc
     except BaseException:
         dist_.finish(ctx, barrier=False)
         raise
+    if ctx.active:  # every rank hears every rank's verdict on its input before any rank starts
+        dist_.agree_on_work(ctx, failure, None if failure else ids, ScoringInputError)
     n = ids.shape[0]
     lo, hi = dist_.shard_bounds(n, ctx.rank, ctx.world_size)
     t0 = time.perf_counter()
@@ -726,7 +741,14 @@ def eos_ids(model) -> list[int]:
         eos = getattr(model.config, "eos_token_id", None)
     if eos is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
+        else model.config.vocab_size
+    bad = [e for e in ids if not 0 <= e < vocab]
+    if bad:
+        raise ScoringInputError(f"the model's EOS id {bad[0]} is outside its vocabulary of {vocab}: fix "
+                                "eos_token_id in config.json / generation_config.json, or no --suppress-eos")
+    return ids
 
 
 def _has_tokenizer(path: str) -> bool:

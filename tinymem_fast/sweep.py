@@ -23,12 +23,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
+from . import atomic
 from .grids import get_grid
-from .optional import require
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +101,24 @@ def load_grid(grid: str) -> dict[str, list[dict]]:
     """A named grid (``quick``/``paper``) or a YAML/JSON file mapping method -> list of settings, or
     method -> {setting: [values]} (expanded as a product)."""
     if os.path.exists(grid):
-        with open(grid) as f:
-            text = f.read()
-        if grid.endswith((".yaml", ".yml")):
-            raw = require("yaml", f"the YAML grid {grid!r}").safe_load(text)
-        else:
-            raw = json.loads(text)
+        from .grids import expand
+        from .presets import read_tree
+
+        raw = read_tree(grid, "grid file")
         if not isinstance(raw, dict):
             raise ValueError(f"grid file {grid!r} must map method names to settings")
-        from .grids import expand
-
-        return {k: (v if isinstance(v, list) else expand({a: (b if isinstance(b, list) else [b])
-                                                         for a, b in (v or {}).items()}))
-                for k, v in raw.items()}
+        out = {}
+        for k, v in raw.items():
+            if v is None:
+                v = {}
+            if isinstance(v, list) and all(isinstance(p, dict) for p in v):
+                out[k] = v
+            elif isinstance(v, dict):
+                out[k] = expand({a: (b if isinstance(b, list) else [b]) for a, b in v.items()})
+            else:
+                raise ValueError(f"grid file {grid!r}: {k!r} must map to settings ({{ratio: [0.01, 0.05]}}) "
+                                 f"or a list of setting mappings, got {v!r}")
+        return out
     return get_grid(grid)
 
 
@@ -159,19 +163,7 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def _write_atomic(path: str, obj) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, default=float)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_json(path, obj, indent=None, fsync=True)
 
 
 def check_schema(out: str) -> None:
@@ -262,12 +254,27 @@ def run_sweep(runs: list[RunSpec], out: str, *, shard: tuple[int, int] = (0, 1),
     return summary
 
 
+def _parse_row(raw: bytes, where: str) -> dict:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: a result row that is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: a broken result row ({exc.msg} at character {exc.pos}); remove it (a "
+                         "sweep redoes missing rows) or restore it") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a result row must be a JSON object, got {type(row).__name__}")
+    return row
+
+
 def load_rows(out: str) -> list[dict]:
     """Every finished row of a sweep folder (or a results.jsonl file), schema-checked."""
     rows = []
     if os.path.isfile(out):
-        with open(out) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        with open(out, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
+                    rows.append(_parse_row(raw, f"{out}:{lineno}"))
     else:
         check_schema(out)
         d = os.path.join(out, "rows")
@@ -275,8 +282,9 @@ def load_rows(out: str) -> list[dict]:
             raise FileNotFoundError(f"{out!r} has no rows/ folder: not a sweep output")
         for name in sorted(os.listdir(d)):
             if name.endswith(".json") and not name.startswith(".tmp"):
-                with open(os.path.join(d, name)) as f:
-                    rows.append(json.load(f))
+                path = os.path.join(d, name)
+                with open(path, "rb") as f:
+                    rows.append(_parse_row(f.read(), path))
     for r in rows:
         if r.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise ValueError(f"a row has schema version {r.get('schema')}, expected {SCHEMA_VERSION}")

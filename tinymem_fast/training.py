@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import atomic
 from .memorization import memorization_stats
 from .metrics import evaluate_tests
 from .models import build_model, save_model
 from .models.mixed_precision import autocast, check_precision
 from .models.tinymem import save_pretrained_quietly
+from .validation import at_least, check_device, parse_device
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^step-(\d{9})$")
@@ -68,6 +69,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_precision(self.precision)
+        parse_device(self.device, "train.device")  # presence is checked when a run starts on it
+        at_least("train", self, 1, "batch_size", "eval_batch_size")
+        at_least("train", self, 1, "max_steps", optional=True)
+        at_least("train", self, 0, "weight_decay", "eval_every", "ckpt_every", "eval_every_epochs",
+                 "ckpt_every_epochs", "keep_checkpoints", "reg_timing_steps")
+        if not (isinstance(self.epochs, int | float) and self.epochs > 0):
+            raise ValueError(f"train.epochs must be > 0, got {self.epochs!r}")
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.betas, list | tuple) and len(self.betas) == 2
+                and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.regularizer is not None:
             from .methods.regularizers import check_config
 
@@ -151,41 +164,62 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
 
 
 def _save_checkpoint(out_dir: str, model, opt, step: int, epoch: int, hooks=()) -> str:
-    ck = os.path.join(out_dir, "checkpoints")
-    os.makedirs(ck, exist_ok=True)
-    final = os.path.join(ck, f"step-{step:09d}")
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=ck)
-    try:
+    final = os.path.join(out_dir, "checkpoints", f"step-{step:09d}")
+    with atomic.folder(final) as tmp:
         save_pretrained_quietly(model, tmp)
         torch.save({"optimizer": opt.state_dict(), "step": step, "epoch": epoch,
                     "hooks": [h.state_dict() for h in hooks]}, os.path.join(tmp, "trainer_state.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint of another model or regularizer than the run's."""
+
+
 def _load_checkpoint(path: str, model, opt, hooks=()) -> int:
+    """Load a checkpoint into ``model``, ``opt`` and ``hooks``. Both files are read completely before
+    anything is changed, so a checkpoint that fails to read leaves the run as it was."""
     from safetensors.torch import load_file
 
     state = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied output embedding is stored once
-    if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise ValueError(f"checkpoint {path} does not match the model (missing {missing}, "
-                         f"unexpected {unexpected})")
     ts = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    opt.load_state_dict(ts["optimizer"])
+    step = int(ts["step"])
+    names = set(model.state_dict())
+    missing = sorted(names - set(state) - {"lm_head.weight"})  # a tied output embedding is stored once
+    unexpected = sorted(set(state) - names)
+    shapes = sorted(k for k in set(state) & names if state[k].shape != model.state_dict()[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointMismatch(f"checkpoint {path} is of another model (missing {missing[:3]}, unexpected "
+                                 f"{unexpected[:3]}, other shapes {shapes[:3]}); start over with --no-resume")
     states = ts.get("hooks", [])
     if hooks and len(states) != len(hooks):
-        raise ValueError(f"checkpoint {path} holds {len(states)} regularizer states, the run has "
-                         f"{len(hooks)}; resume with the same regularizer or start over (--no-resume)")
+        raise CheckpointMismatch(f"checkpoint {path} holds {len(states)} regularizer states, the run has "
+                                 f"{len(hooks)}; resume with the same regularizer or start over "
+                                 "(--no-resume)")
+    model.load_state_dict(state, strict=False)
+    opt.load_state_dict(ts["optimizer"])
     for h, st in zip(hooks, states, strict=False):
         h.load_state_dict(st)
-    return int(ts["step"])
+    return step
+
+
+def _resume_newest(out_dir: str, total: int, model, opt, hooks) -> int:
+    """Resume from the newest checkpoint at or before step ``total`` that reads back whole; a corrupt one
+    (a disk that filled, a copy cut short) is skipped with a warning. Returns the step (0: none)."""
+    for step, path in reversed([c for c in list_checkpoints(out_dir) if c[0] <= total]):
+        try:
+            got = _load_checkpoint(path, model, opt, hooks)
+        except CheckpointMismatch:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before it", path,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            continue
+        if got != step:
+            log.warning("checkpoint %s says step %d; trying the one before it", path, got)
+            continue
+        return step
+    return 0
 
 
 def _truncate_history(path: str, step: int) -> None:
@@ -255,7 +289,7 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
     ``out_dir``; the final model to ``out_dir/final``. ``init_from``: a checkpoint whose weights and
     optimizer state start the run when ``out_dir`` has none to resume (fine-tuning)."""
     os.makedirs(out_dir, exist_ok=True)
-    device = torch.device(cfg.device)
+    device = check_device(cfg.device, "train.device")
     model.to(device).train()
     own_hooks = []
     cost = None
@@ -275,10 +309,9 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
     eval_every = cfg.eval_every or _epochs_to_steps(cfg.eval_every_epochs, spe)
     ckpt_every = cfg.ckpt_every or _epochs_to_steps(cfg.ckpt_every_epochs, spe)
     hist_path = os.path.join(out_dir, "metrics.jsonl")
-    step = 0
-    if resume and (cks := list_checkpoints(out_dir)):
-        step = _load_checkpoint(cks[-1][1], model, opt, hooks)
-        log.info("resumed from %s (step %d)", cks[-1][1], step)
+    step = _resume_newest(out_dir, total, model, opt, hooks) if resume else 0
+    if step:
+        log.info("resumed from step %d", step)
         _truncate_history(hist_path, step)
     else:
         if os.path.exists(hist_path):
@@ -359,21 +392,82 @@ def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
 
 
+# Settings a resumed run may change: they decide how long it runs, where, and what it records, not what
+# any step computes (the data order of each epoch is seeded by the epoch alone).
+RESUMABLE = {"description", "train.max_steps", "train.epochs", "train.eval_every", "train.ckpt_every",
+             "train.eval_every_epochs", "train.ckpt_every_epochs", "train.keep_checkpoints",
+             "train.eval_batch_size", "train.device", "train.compile", "train.reg_timing_steps"}
+# what a run folder holds besides its data cache; --no-resume removes all of it
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "final_metrics.json", "run.json")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _claim_run_folder(out: str, config: dict, resume: bool) -> dict | None:
+    """Make ``out`` this configuration's run folder before any work: with ``resume``, a folder that holds
+    another configuration's run is refused in one line; without, the old run's outputs are removed.
+    Returns the old run.json (None if there was no run)."""
+    path = os.path.join(out, "run.json")
+    if not resume:
+        for name in RUN_OUTPUTS:
+            p = os.path.join(out, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+        return None
+    has_run = bool(list_checkpoints(out)) or os.path.isdir(os.path.join(out, "final"))
+    if not os.path.exists(path):
+        if has_run:
+            raise ValueError(f"{out} holds checkpoints but no run.json, so they cannot be matched to this "
+                             "configuration: start over with --no-resume, or choose another --out")
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old_cfg = _flat(old["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc}): start over with --no-resume, "
+                         "or choose another --out") from None
+    if not has_run:
+        return old
+    new_cfg = _flat(config)
+    changed = [k for k in sorted(set(old_cfg) | set(new_cfg))
+               if k not in RESUMABLE and old_cfg.get(k, "<unset>") != new_cfg.get(k, "<unset>")]
+    if changed:
+        what = ", ".join(f"{k} {old_cfg.get(k, '<unset>')!r} -> {new_cfg.get(k, '<unset>')!r}"
+                         for k in changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ValueError(f"{out} holds a run of another configuration ({what}); resuming it under these "
+                         "settings would mix the two: start over with --no-resume, or choose another --out")
+    return old
+
+
 def train_run(cfg, out: str, *, preset: str = "custom", resume: bool = True, progress: bool = True) -> dict:
     """A whole `tinymem train` run from a RunConfig: data (built into ``out``), run.json, model, training
-    (resuming from the newest checkpoint), final_metrics.json. Returns the final metrics."""
+    (resuming from the newest checkpoint of the same configuration), final_metrics.json. Returns the final
+    metrics."""
     from .data.dataset import build
 
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
+    old = _claim_run_folder(out, cfg.to_dict(), resume)
     data = build(cfg.data, seed=cfg.seed, workdir=out)
-    run_info = {"preset": preset, "config": cfg.to_dict(), "data_fingerprint": data.fingerprint(),
-                "data_meta": data.meta}
-    with open(os.path.join(out, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=1)
+    fp = data.fingerprint()
+    if old is not None and old.get("data_fingerprint") not in (None, fp) and \
+            (list_checkpoints(out) or os.path.isdir(os.path.join(out, "final"))):
+        raise ValueError(f"{out} holds a run trained on other data (fingerprint "
+                         f"{old['data_fingerprint'][:12]} vs {fp[:12]}: a changed corpus or tokenizer file): "
+                         "start over with --no-resume, or choose another --out")
+    run_info = {"preset": preset, "config": cfg.to_dict(), "data_fingerprint": fp, "data_meta": data.meta}
+    atomic.write_json(os.path.join(out, "run.json"), run_info)
     model = build_model_for(data, cfg.model, seed=cfg.seed)
     result = train(model, data, cfg.train, out, seed=cfg.seed, resume=resume, progress=progress)
     result["wall_s"] = time.perf_counter() - t0
-    with open(os.path.join(out, "final_metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    atomic.write_json(os.path.join(out, "final_metrics.json"), result)
     return result

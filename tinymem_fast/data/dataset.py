@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..validation import at_least, in_open_interval
 from . import artifacts
 from . import math as mathdata
 
@@ -69,6 +70,15 @@ class DataConfig:
             raise ValueError(f"unknown artifact {self.artifact!r}; choose one of {', '.join(ARTIFACTS)}")
         if self.kind == "math":
             mathdata.check_family(self.family)
+        at_least("data", self, 1, "num_main", "num_test", "seq_numbers", "max_ctx", "modulus", "dup_base",
+                 "backdoor_dup", "bpe_vocab_size", "prompt_len", "mem_len")
+        at_least("data", self, 0, "num_extra", "num_noise", "dup_groups", "backdoor_fill_id", "data_seed")
+        at_least("data", self, 1, "max_train_chunks", "max_test_chunks", optional=True)
+        in_open_interval("data", self, "backdoor_test_frac", 0.0, 1.0)
+        if self.artifact == "noise" and self.num_noise < 1:
+            raise ValueError("data.num_noise must be >= 1 for the noise artifact (or artifact=none)")
+        if self.dup_groups and self.dup_base < 2:
+            raise ValueError(f"data.dup_base must be >= 2 with duplication groups, got {self.dup_base}")
         if self.prompt_len < 1 or self.mem_len < 1:
             raise ValueError("prompt_len and mem_len must be positive")
         if self.prompt_len + self.mem_len > self.max_ctx:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import like_default, parse_like
+
 
 @dataclass
 class UnlearnInputs:
@@ -71,15 +73,28 @@ def get_method(name: str) -> Method:
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
 
 
+# settings that count or scale something: zero or negative is never meant (None = the method's default)
+POSITIVE = {"epochs", "lr", "batch_size", "forget_batch_size", "retain_batch_size", "max_steps", "ig_steps",
+            "sou_num_grads", "sou_grad_batch", "sou_block_size", "weights_per_step", "hc_beta"}
+
+
 def make_config(method: Method, overrides: dict | None = None):
     cfg = method.config_cls()
     valid = {f.name: f for f in dataclasses.fields(cfg)}
     for k in overrides or {}:
         if k not in valid:
             raise ValueError(f"{method.name} has no setting {k!r}; valid: {', '.join(sorted(valid))}")
-    cfg = dataclasses.replace(cfg, **(overrides or {}))  # re-runs the config's own validation
+    overrides = {k: like_default(f"{method.name}:{k}", v, getattr(cfg, k), parse=parse_like,
+                                 annotation=valid[k].type)
+                 for k, v in (overrides or {}).items()}
+    cfg = dataclasses.replace(cfg, **overrides)  # re-runs the config's own validation
     if hasattr(cfg, "ratio"):
         from ..ops.masked_subnet import check_ratio
 
         check_ratio(cfg.ratio)  # fail before any long work, not midway
+    for name in POSITIVE & valid.keys():
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or value <= 0):
+            raise ValueError(f"{method.name}: {name} must be > 0, got {value!r}")
     return cfg

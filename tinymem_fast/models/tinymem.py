@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
+import pickle
 from dataclasses import dataclass
 
 import torch
+
+from .. import atomic
+from ..validation import at_least
 
 N_LAYERS = (2, 4, 8, 16)
 ARCHS = ("gpt2", "gpt_neox", "llama")
@@ -28,10 +30,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown model arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.n_layer < 1 or self.d_model < 1 or self.d_mlp < 1:
-            raise ValueError("n_layer, d_model and d_mlp must be positive")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(f"model.vocab_size must be positive, got {self.vocab_size}")
+        at_least("model", self, 1, "n_layer", "d_model", "n_head", "d_mlp")
+        at_least("model", self, 1, "vocab_size", optional=True)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
 
@@ -92,21 +92,37 @@ def save_pretrained_quietly(model, path: str) -> None:
 def save_model(model, path: str) -> None:
     """``save_pretrained`` into a temporary sibling folder, then rename: a crash never leaves a half-written
     model where a complete one is expected."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic.folder(path) as tmp:
         save_pretrained_quietly(model, tmp)
-        if os.path.exists(path):
-            old = path + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def unsafe_pickle_message(path: str) -> str:
+    return (f"{path!r}: its pickled weights (pytorch_model.bin) hold more than tensors and are never "
+            "unpickled here (weights_only=True); convert them to safetensors where you trust their source")
+
+
+def check_causal_config(path: str, cfg) -> None:
+    """Refuse models whose prediction at position t sees tokens after t: the memorization metric (and
+    the one-pass scoring that equals greedy decoding) holds only for causal LMs."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(cfg, "model_type", None)
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(cfg, "is_decoder", False):
+        raise ValueError(f"{path!r} is a {kind} encoder (bidirectional attention, config.is_decoder is "
+                         "false): memorization is measured on causal LMs, whose prediction of token t sees "
+                         "only the tokens before it")
+
+
+def check_loading_info(path: str, info: dict) -> None:
+    """Refuse a model some of whose weights were not in its checkpoint (transformers would initialise them
+    at random and carry on): every score of it would be a random model's."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in (info.get("mismatched_keys") or [])]
+    if missing or mismatched:
+        bad = missing or mismatched
+        raise ValueError(f"{path!r}: {len(missing)} weights are missing from its checkpoint and "
+                         f"{len(mismatched)} have other shapes (e.g. {', '.join(bad[:2])}): the weights do "
+                         "not belong to this config.json, and the model would run with random weights")
 
 
 def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -123,14 +139,23 @@ def load_model(path: str, dtype: torch.dtype | None = None, device: str | torch.
         raise ValueError(f"{path!r}: config.json is not a known model type ({exc})") from None
     from transformers.utils import logging as hf_logging
 
+    check_causal_config(path, cfg)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar per load floods the output of multi-method runs
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would bury our one-line verdict on it
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
-                                                     trust_remote_code=False, dtype=dtype)
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"{path!r} is not a causal LM checkpoint: {exc}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=cfg, local_files_only=True,
+                                                           trust_remote_code=False, dtype=dtype,
+                                                           output_loading_info=True)
+    except pickle.UnpicklingError:
+        raise ValueError(unsafe_pickle_message(path)) from None
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"{path!r} is not a causal LM checkpoint: {str(exc).strip().splitlines()[0]}") \
+            from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    check_loading_info(path, info)
     return model.to(device).eval()
