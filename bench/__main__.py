@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .harness import save
+from bench.harness import save
 
 SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick", "method_baselines",
           "methods_quick", "scoring", "regularizers", "memscore"]

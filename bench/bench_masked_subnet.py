@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bench.harness import Row, measure, with_ratios
 from tinymem_fast.ops import masked_subnet as ms
 from tinymem_fast.ops import registry
-
-from .harness import Row, measure, with_ratios
 
 OUT_F, IN_F = 10240, 2560
 TOKENS = 32 * 80

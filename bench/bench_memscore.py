@@ -21,10 +21,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+from bench.harness import Row, measure, with_ratios
 from tinymem_fast.ops import registry
 from tinymem_fast.ops.memscore import lm_head_argmax, memscore_examples, pack_head
-
-from .harness import Row, measure, with_ratios
 
 SUITE = "memscore"
 SEQ = 50

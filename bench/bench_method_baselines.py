@@ -21,19 +21,18 @@ import time
 
 import torch
 
-from tinymem_fast.data.dataset import build
-from tinymem_fast.experiments import forget_set, retain_set
+from bench.bench_tinymem_quick import trained_run
+from bench.harness import Row, sync
+from tinymem_fast.experiments.unlearning import forget_set, retain_set
 from tinymem_fast.methods import UnlearnInputs
 from tinymem_fast.methods.weight.durable import top_k_mask
 from tinymem_fast.methods.weight.greedy import GreedyBatches, GreedyConfig, greedy_unlearn
 from tinymem_fast.methods.weight.second_order import PerExampleGrads, SecondOrderConfig, run_second_order
-from tinymem_fast.models import load_model
 from tinymem_fast.ops.masked_subnet import num_dropped
-from tinymem_fast.presets import get_preset
-from tinymem_fast.training import token_loss
-
-from .bench_tinymem_quick import trained_run
-from .harness import Row, sync
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.models import load_model
+from tinymem_fast.tinymem.presets import get_preset
+from tinymem_fast.tinymem.training import token_loss
 
 GREEDY_ITERS = 40
 

@@ -1,4 +1,4 @@
-"""All 11 unlearning methods on the quick math model: the quick grid (tinymem_fast.grids.QUICK), best run
+"""All 11 unlearning methods on the quick math model: the quick grid (experiments.grids.QUICK), best run
 per method by SPEC.md's selection score, one table for the README.
 
 Each configuration runs on a fresh copy of the quick math model (the ``tinymem_quick`` cache) with one
@@ -13,16 +13,15 @@ import copy
 import json
 import os
 
-from tinymem_fast.data.dataset import build
-from tinymem_fast.experiments import forget_set, run_id, stats, unlearn
-from tinymem_fast.grids import QUICK
+from bench.bench_tinymem_quick import trained_run
+from bench.harness import HERE, Row
+from tinymem_fast.experiments.grids import QUICK
+from tinymem_fast.experiments.unlearning import forget_set, run_id, stats, unlearn
 from tinymem_fast.methods import get_method
 from tinymem_fast.methods.registry import make_config
-from tinymem_fast.models import load_model
-from tinymem_fast.presets import get_preset
-
-from .bench_tinymem_quick import trained_run
-from .harness import HERE, Row
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.models import load_model
+from tinymem_fast.tinymem.presets import get_preset
 
 PRESET = "quick-math-noise"
 CACHE = os.path.join(HERE, ".cache", "methods_quick")
@@ -68,7 +67,7 @@ def markdown(best: dict[str, dict], n_runs: dict[str, int]) -> str:
         f"Quick math model (`{PRESET}`, 4 layers): base {any_row['mem_before']:.1f}% of eligible noised "
         f"sequences memorized ({any_row['n_forget']} forget rows), clean accuracy "
         f"{100 * any_row['base']['avg_acc']:.2f}%. Best run per method of the quick grid "
-        "(`tinymem_fast.grids.QUICK`) by SPEC's selection score; seconds = the method itself on 2 CPU cores. "
+        "(`experiments.grids.QUICK`) by SPEC's selection score; seconds = the method itself on 2 CPU cores. "
         f"Paper: TinyMem math noise (mult, 4 layers, A100), base {PAPER_BASE_MEM}% memorized.",
         "",
         "| method | runs | best settings | mem % after | Δmem | accuracy % | Δacc | seconds "

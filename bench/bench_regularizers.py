@@ -1,6 +1,7 @@
 """Per-step cost of the three regularizers vs unregularized training, on the quick presets.
 
-Every provider is a :class:`tinymem_fast.training.Trainer` on its own copy of the same fresh model, fed
+Every provider is a :class:`~tinymem_fast.tinymem.training.Trainer`
+on its own copy of the same fresh model, fed
 the same batches of epoch 0 (with their example ids). Steps are interleaved -- one step of each provider
 per round, the order rotating every round -- so slow phases of a shared machine hit all providers alike.
 Ratio = unregularized time / regularized time, so the overhead factor is 1 / ratio (SPEC target for
@@ -20,12 +21,11 @@ import time
 
 import torch
 
-from tinymem_fast.data.dataset import build
+from bench.harness import Row, measure, sync, with_ratios
 from tinymem_fast.methods.regularizers import make_regularizer
-from tinymem_fast.presets import get_preset
-from tinymem_fast.training import Trainer, build_model_for, epoch_order
-
-from .harness import Row, measure, sync, with_ratios
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.presets import get_preset
+from tinymem_fast.tinymem.training import Trainer, build_model_for, epoch_order
 
 PRESETS = ["quick-math-noise", "quick-language-noise"]
 PLAIN = "unregularized"

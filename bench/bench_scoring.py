@@ -47,10 +47,9 @@ import time
 
 import torch
 
+from bench.harness import HERE, Row, cpu_peak_mib, measure, sync
+from tinymem_fast.eval.scoring import extract, score_exact
 from tinymem_fast.ops import registry
-from tinymem_fast.scoring import extract, score_exact
-
-from .harness import HERE, Row, cpu_peak_mib, measure, sync
 
 SUITE = "scoring"
 BASE = "generate (KV cache, k tokens)"
@@ -67,9 +66,9 @@ def _smoke() -> bool:
 
 def _tinymem_run(run_dir: str):
     """(model, data) of a finished ``tinymem train`` folder."""
-    from tinymem_fast.data.dataset import build
-    from tinymem_fast.models import load_model
-    from tinymem_fast.presets import RunConfig, apply_overrides
+    from tinymem_fast.tinymem.data.dataset import build
+    from tinymem_fast.tinymem.models import load_model
+    from tinymem_fast.tinymem.presets import RunConfig, apply_overrides
 
     with open(os.path.join(run_dir, "run.json")) as f:
         tree = json.load(f)["config"]
@@ -111,13 +110,13 @@ def _planted_gpt2(n: int, p: int, k: int):
 
 
 def math_workload(n: int):
-    from tinymem_fast.demo import _model_ready
-    from tinymem_fast.presets import get_preset
+    from tinymem_fast.experiments.demo import _model_ready
+    from tinymem_fast.tinymem.presets import get_preset
 
     given = os.environ.get("BENCH_QUICK_MODEL")
     run_dir = given or os.path.join(HERE, ".cache", "quick-math-noise")
     if not _smoke() and os.path.exists(os.path.join(run_dir, "run.json")):
-        from tinymem_fast.data.dataset import build
+        from tinymem_fast.tinymem.data.dataset import build
 
         # a given folder may hold any math run (e.g. longer rows for 50/50 windows); the cached one must
         # be the preset's
@@ -363,7 +362,7 @@ def main(argv=None) -> int:
         ratio = f"{r.ratio:6.2f}x vs {r.baseline}" if r.ratio is not None else ""
         print(f"  {r.case:<50} {r.provider:<40} {r.median_ms:10.1f} ms {ratio}  {r.note}", flush=True)
     if args.save:
-        from .harness import save
+        from bench.harness import save
 
         print(save(args.device, SUITE, rows))
     return 0

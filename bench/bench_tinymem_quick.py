@@ -13,11 +13,10 @@ import json
 import os
 import time
 
-from tinymem_fast.data.dataset import build
-from tinymem_fast.presets import RunConfig, apply_overrides, get_preset
-from tinymem_fast.training import build_model_for, train
-
-from .harness import HERE, Row
+from bench.harness import HERE, Row
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.presets import RunConfig, apply_overrides, get_preset
+from tinymem_fast.tinymem.training import build_model_for, train
 
 CACHE = os.path.join(HERE, ".cache", "tinymem_quick")
 

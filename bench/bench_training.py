@@ -1,7 +1,8 @@
 """Training throughput (tokens/s) on the quick math preset: our loop vs a plain Hugging Face loop.
 
 Baseline: ``model(input_ids=x, labels=x).loss`` + AdamW with the paper's settings, the way the paper's
-code trains. Ours: :class:`tinymem_fast.training.Trainer` (pad-masked loss), eager, compiled and in bf16
+code trains. Ours: :class:`~tinymem_fast.tinymem.training.Trainer`
+(pad-masked loss), eager, compiled and in bf16
 mixed precision (``train.precision=bf16``). The same HF loop under a plain ``torch.autocast`` is shown
 too, so the gain of our mixed precision over autocast alone is visible.
 Tokens counted per step are batch x context (the same for every provider).
@@ -13,12 +14,11 @@ import dataclasses
 
 import torch
 
-from tinymem_fast.data.dataset import build
-from tinymem_fast.models import build_model
-from tinymem_fast.presets import get_preset
-from tinymem_fast.training import Trainer, epoch_order
-
-from .harness import Row, measure, with_ratios
+from bench.harness import Row, measure, with_ratios
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.models import build_model
+from tinymem_fast.tinymem.presets import get_preset
+from tinymem_fast.tinymem.training import Trainer, epoch_order
 
 
 def run(device: str = "cpu", repeats: int = 5) -> list[Row]:

@@ -15,7 +15,8 @@ doing it --
   max_length=min_length=<sequence length>)`` from the clean prompts, a row memorized when generated tokens
   ``[p, p+k)`` equal the noised row's.
 
-Ours: :func:`tinymem_fast.experiments.unlearn` with the quick BalancedSubnet settings (balanced forget and
+Ours: :func:`~tinymem_fast.experiments.unlearning.unlearn`
+with the quick BalancedSubnet settings (balanced forget and
 retain mini-batches, one threshold per optimizer step, fused masked matmul, one teacher-forced pass for
 memorization), on the ``torch`` backend and on each fast backend.
 
@@ -45,18 +46,17 @@ import time
 import torch
 from torch import nn
 
-from tinymem_fast.data.dataset import build
-from tinymem_fast.demo import QUICK_METHODS, _model_ready
-from tinymem_fast.experiments import forget_set, retain_set, unlearn
-from tinymem_fast.metrics import evaluate_tests
-from tinymem_fast.models import load_model
-from tinymem_fast.models.adapters import mlp_layers
+from bench.bench_masked_subnet import fast_backends
+from bench.harness import HERE, Row, sync, with_ratios
+from tinymem_fast.experiments.demo import QUICK_METHODS, _model_ready
+from tinymem_fast.experiments.unlearning import forget_set, retain_set, unlearn
+from tinymem_fast.integrations.adapters import mlp_layers
 from tinymem_fast.ops.masked_subnet import layout_of, num_dropped
-from tinymem_fast.presets import get_preset
-from tinymem_fast.training import build_model_for, token_loss, train
-
-from .bench_masked_subnet import fast_backends
-from .harness import HERE, Row, sync, with_ratios
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.metrics import evaluate_tests
+from tinymem_fast.tinymem.models import load_model
+from tinymem_fast.tinymem.presets import get_preset
+from tinymem_fast.tinymem.training import build_model_for, token_loss, train
 
 PRESET = "quick-math-noise"
 CACHE_DIR = os.path.join(HERE, ".cache", PRESET)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import copy
 import os
 
-from tinymem_fast.data.dataset import build
-from tinymem_fast.demo import QUICK_METHODS
-from tinymem_fast.experiments import forget_set, stats, unlearn
-from tinymem_fast.models import load_model
-from tinymem_fast.presets import get_preset
-
-from .bench_tinymem_quick import trained_run
-from .harness import Row
+from bench.bench_tinymem_quick import trained_run
+from bench.harness import Row
+from tinymem_fast.experiments.demo import QUICK_METHODS
+from tinymem_fast.experiments.unlearning import forget_set, stats, unlearn
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.models import load_model
+from tinymem_fast.tinymem.presets import get_preset
 
 PRESETS = ["quick-math-noise", "quick-language-noise"]
 

@@ -21,10 +21,10 @@ echo "build took $(( $(date +%s) - start )) s"
 python3 -m tinymem_fast info || status=1
 
 step "GPU tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_masked_subnet_cuda.py \
-    tests/test_masked_subnet_triton.py tests/test_masked_subnet.py || status=1
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_memscore_cuda.py \
-    tests/test_memscore_triton.py || status=1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_masked_subnet_cuda.py \
+    tests/ops/test_masked_subnet_triton.py tests/ops/test_masked_subnet.py || status=1
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_memscore_cuda.py \
+    tests/ops/test_memscore_triton.py || status=1
 
 step "GPU benchmarks"
 timeout 200 python3 -m bench --device cuda --repeats 10 --only masked_subnet --only training \

@@ -5,8 +5,13 @@ first ``import triton``, hence here, at collection time.
 """
 
 import os
+import sys
 
 import torch
+
+# tests live in area folders (ops/, eval/, tinymem/, methods/, experiments/, cli/); the shared helpers
+# (tiny_models, tiny_runs, scoring_models, memscore_checks, this file) stay here, importable from all of them
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -13,7 +13,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tinymem_fast.training import token_loss
+from tinymem_fast.tinymem.training import token_loss
 
 V, T, P = 24, 24, 8  # vocab, length, prompt
 
@@ -92,7 +92,7 @@ def window_nll(model, rows, start=P):
 def unlearning_effect(base, model, secret, label=""):
     """Measure an edit on the planted rows. Printed (``pytest -s``) so the margins of every method test
     can be read off each machine's run."""
-    from tinymem_fast.memorization import score_windows
+    from tinymem_fast.tinymem.memorization import score_windows
 
     e = Effect(int(score_windows(base, secret, P, T).match.sum()),
                int(score_windows(model, secret, P, T).match.sum()),

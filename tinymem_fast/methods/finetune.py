@@ -8,10 +8,10 @@ decay, betas, batch size, pad handling) for ``epochs`` more epochs on:
 * ``extra`` (``extra_ft``): every non-artifact training row (with its copy count);
 * ``both`` (``both_ft``): the union.
 
-The run is :func:`tinymem_fast.training.train` itself (evaluation and a checkpoint every epoch, exact
+The run is :func:`tinymem_fast.tinymem.training.train` itself (evaluation and a checkpoint every epoch, exact
 resume) on a view of the dataset whose training rows are the fine-tuning rows; the artifact rows stay in
 the view with zero copies, so the memorization metrics still see them. The result is one row of the
-unlearning pipeline's schema (:func:`tinymem_fast.experiments.unlearn`), with the fine-tuning time
+unlearning pipeline's schema (:func:`tinymem_fast.experiments.unlearning.unlearn`), with the fine-tuning time
 (evaluations excluded) as the method's time.
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import __version__
-from ..data import math as mathdata
-from ..data.dataset import DataConfig, TinyMemData, build
-from ..training import TrainConfig, list_checkpoints, train
+from ..tinymem.data import math as mathdata
+from ..tinymem.data.dataset import DataConfig, TinyMemData, build
+from ..tinymem.training import TrainConfig, list_checkpoints, train
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def _fields(cls, tree: dict):
 
 def load_run(run_dir: str):
     """The RunConfig and data fingerprint recorded by `tinymem train`."""
-    from ..models import ModelConfig
-    from ..presets import RunConfig
+    from ..tinymem.models import ModelConfig
+    from ..tinymem.presets import RunConfig
 
     with open(os.path.join(run_dir, "run.json")) as f:
         info = json.load(f)
@@ -114,7 +114,7 @@ def _row_key(row: torch.Tensor) -> bytes:
 def _backdoor_twins(data: TinyMemData) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean versions of the poisoned training rows: poison the clean candidates again with the same
     rule and match rows exactly (the dataset keeps only the poisoned versions)."""
-    from ..data import artifacts
+    from ..tinymem.data import artifacts
 
     c = data.config
     if c.kind == "math":
@@ -189,8 +189,9 @@ def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None
     """Fine-tune the checkpoint at ``path`` (a run folder or a checkpoint folder); returns the result row.
     The fine-tuning run (checkpoints, per-epoch ``metrics.jsonl``, final model) goes to a sub-folder of
     ``out_dir`` named after the method and the source step."""
-    from ..experiments import _device_name, _sync, _utility, run_id, selection_score, stats
-    from ..models import load_model
+    from ..common.devices import device_name, sync
+    from ..tinymem.models import load_model
+    from ..tinymem.results import run_id, selection_score, stats, utility
 
     cfg.validate()
     run_dir, ckpt = resolve_checkpoint(path)
@@ -214,10 +215,10 @@ def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None
     t_base = time.perf_counter() - t0
     ft_data = finetune_dataset(data, cfg.data)
     run_out = os.path.join(out_dir, f"{method}-from-step{src_step}")
-    _sync(model)
+    sync(model)
     t1 = time.perf_counter()
     after = train(model, ft_data, tc, run_out, seed=run_cfg.seed, progress=progress, init_from=ckpt)
-    _sync(model)
+    sync(model)
     wall = time.perf_counter() - t1
     with open(os.path.join(run_out, "metrics.jsonl")) as f:
         evals = [json.loads(line) for line in f if line.strip()]
@@ -234,12 +235,12 @@ def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None
         "method": method, "category": "fine-tuning", "seed": run_cfg.seed, "hparams": hp,
         "n_forget": None, "n_retain": None,
         "mem_metric": mem_key, "mem_before": base[mem_key], "mem_after": after[mem_key],
-        "utility_before": _utility(base, kind), "utility_after": _utility(after, kind),
+        "utility_before": utility(base, kind), "utility_after": utility(after, kind),
         **selection_score(base, after, kind, mem_key),
         "time_method_s": t_train, "time_edit_s": t_train, "time_eval_s": t_eval,
         "method_info": {"source_step": src_step, "n_rows": int(ft_data.num_train),
                         "steps": int(last["step"]), "wall_s": wall, "run_dir": os.path.abspath(run_out),
                         "history": history},
-        "device": _device_name(model), "versions": {"tinymem_fast": __version__, "torch": torch.__version__},
+        "device": device_name(model), "versions": {"tinymem_fast": __version__, "torch": torch.__version__},
         "base": base, "after": after,
     }

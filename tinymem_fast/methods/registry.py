@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..validation import like_default, parse_like
+from ..common.validation import like_default, parse_like
 
 
 @dataclass
@@ -48,13 +48,8 @@ def register(name: str, config_cls: type, category: str, aliases: tuple = ()):
 
 
 def _load_all() -> None:
-    from .neuron import (  # noqa: F401  (registers on import)
-        activations,
-        hard_concrete,
-        integrated_gradients,
-        slimming,
-        zero_out,
-    )
+    # importing a method's module registers it
+    from .neuron import activations, hard_concrete, integrated_gradients, slimming, zero_out  # noqa: F401
     from .weight import durable, greedy, second_order, subnet  # noqa: F401
 
 

@@ -1,6 +1,9 @@
 """The public fast ops. Each op has a plain-PyTorch reference and dispatches per call to the best
 available backend (see :mod:`tinymem_fast.ops.registry`). Nothing here imports the rest of the package."""
 
+from . import attention as _attention
+from . import masked_subnet as _masked_subnet
+from . import memscore as _memscore
 from .attention import causal_attention, causal_attention_available
 from .masked_subnet import (
     MaskedSubnet,
@@ -14,20 +17,15 @@ from .masked_subnet import (
     subnet_sgd_step_,
     subnet_threshold,
 )
-from .memscore import (
-    ExampleScores,
-    TokenScores,
-    lm_head_argmax,
-    memscore,
-    memscore_examples,
-    reduce_scores,
-)
+from .memscore import ExampleScores, TokenScores, lm_head_argmax, memscore, memscore_examples, reduce_scores
 from .registry import BACKENDS, BackendUnavailable
 
 # op name -> module-level functions it covers (for `tinymem info`)
+# each family's dispatch spec for registry.select: the backends it has, the compiled ops they call
 OP_FAMILIES = {
-    "masked_subnet": ("subnet_threshold", "masked_weight", "ste_score_grad", "subnet_sgd_step"),
-    "memscore": ("memscore", "memscore_examples", "lm_head_argmax"),
+    "masked_subnet": _masked_subnet.DISPATCH,
+    "memscore": _memscore.DISPATCH,
+    "causal_attention": _attention.DISPATCH,
 }
 
 __all__ = [

@@ -25,8 +25,6 @@ float32 tensors through the casts. Backend choice follows :mod:`tinymem_fast.ops
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +38,8 @@ MAX_HEAD_DIM = 256  # kMaxHeadDim in csrc/cpu/causal_attention.cpp
 # op names the registry and `tinymem info` know
 OPS = ("causal_attention",)
 _EXT_OPS = ("causal_attention_fwd", "causal_attention_bwd")
+# how registry.select dispatches this family: a CPU kernel, else SDPA
+DISPATCH = {"backends": ("torch", "cpp"), "ext_ops": _EXT_OPS}
 
 
 
@@ -59,23 +59,15 @@ def _result_like(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.new_empty((b, h, s, d), dtype=dtype)
 
 
-_fakes_registered = False
+def _fwd_fake(q, k, v, scale):
+    return _result_like(q, q.dtype), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _register_fakes() -> None:
-    """Shape-only implementations of the compiled ops, for torch.compile / FakeTensor tracing."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
+def _bwd_fake(dout, q, k, v, out, lse, scale):
+    return _result_like(q, q.dtype), _result_like(k, k.dtype), _result_like(v, v.dtype)
 
-    @torch.library.register_fake("tinymem::causal_attention_fwd")
-    def _fwd_fake(q, k, v, scale):
-        return _result_like(q, q.dtype), q.new_empty(q.shape[:3], dtype=torch.float32)
 
-    @torch.library.register_fake("tinymem::causal_attention_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, scale):
-        return _result_like(q, q.dtype), _result_like(k, k.dtype), _result_like(v, v.dtype)
+registry.register_fakes({"causal_attention_fwd": _fwd_fake, "causal_attention_bwd": _bwd_fake})
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -97,42 +89,6 @@ class _CausalAttention(torch.autograd.Function):
 
 # --- dispatch ---------------------------------------------------------------------------------
 
-_warned_fallback = False
-
-
-def _select(device: torch.device, backend: str | None) -> str:
-    """'cpp' or 'torch' for one call (input-dependent fallbacks are decided by the caller)."""
-    global _warned_fallback
-    requested = (backend or os.environ.get("TINYMEM_BACKEND") or "").lower()
-    if requested and requested not in registry.BACKENDS:
-        src = "backend=" if backend else "TINYMEM_BACKEND"
-        raise ValueError(f"unknown backend {requested!r} (from {src}); choose one of "
-                         f"{', '.join(registry.BACKENDS)}")
-    if requested == "torch":
-        return "torch"
-    if requested in ("triton", "cuda"):
-        if backend:
-            raise registry.BackendUnavailable(
-                f"causal_attention has no {requested} backend (it has cpp, for CPU tensors, and torch)")
-        requested = ""  # a process-wide GPU choice says nothing about this CPU-only op
-    why = registry.unavailable_reason("cpp", device) if device.type == "cpu" else "the kernel is CPU-only"
-    if not why and not causal_attention_available():
-        why = ("the compiled extension has no tinymem::causal_attention_fwd (stale build); rebuild with "
-               "pip install --no-build-isolation -e .")
-    if requested == "cpp":
-        if why:
-            raise registry.BackendUnavailable(
-                f"causal_attention: backend 'cpp' was requested but is unavailable: {why}")
-    elif why:
-        if device.type == "cpu" and not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(f"tinymem_fast: causal_attention kernel unavailable ({why}); using "
-                          "F.scaled_dot_product_attention", RuntimeWarning, stacklevel=3)
-        return "torch"
-    _register_fakes()
-    return "cpp"
-
-
 def _kernel_takes(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype in KERNEL_DTYPES
             and k.dtype == q.dtype and v.dtype == q.dtype and 0 < q.shape[-1] <= MAX_HEAD_DIM
@@ -148,14 +104,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    b = _select(q.device, backend)
+    b = registry.select("causal_attention", q.device, backend, **DISPATCH,
+                        takes=lambda _: "" if _kernel_takes(q, k, v) else "inputs the kernel does not take")
     if b == "cpp" and torch.is_autocast_enabled("cpu"):
         # what autocast does to F.scaled_dot_product_attention's float32 inputs on the CPU
         dt = torch.get_autocast_dtype("cpu")
         q, k, v = (t.to(dt) if t.dtype == torch.float32 else t for t in (q, k, v))
-    if b == "cpp" and (backend or os.environ.get("TINYMEM_BACKEND", "")).lower() != "cpp":
-        if not _kernel_takes(q, k, v):
-            b = "torch"
     if b == "torch":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return _CausalAttention.apply(q, k, v, float(scale))

@@ -130,7 +130,7 @@ def sgd_step_torch(scores: Tensor, grad: Tensor, buf: Tensor, lr: float, momentu
 
 
 def _triton():
-    from tinymem_fast.kernels import masked_subnet as tk  # imported lazily: needs triton
+    from tinymem_fast.kernels import masked_subnet as tk
 
     return tk
 
@@ -141,7 +141,7 @@ def subnet_threshold(scores: Tensor, ratio: float, *, backend: str | None = None
     if scores.numel() == 0:
         raise ValueError("scores is empty")
     k = num_dropped(scores.numel(), ratio)
-    b = registry.select("subnet_threshold", scores.device, backend)
+    b = registry.select("subnet_threshold", scores.device, backend, **DISPATCH)
     if b == "torch":
         value, cut = threshold_torch(scores, k)
     elif b == "triton":
@@ -162,7 +162,7 @@ def masked_weight(weight: Tensor, scores: Tensor, threshold: SubnetThreshold, *,
     _check_float("weight", weight)
     _check_float("scores", scores)
     _check_same_shape(weight=weight, scores=scores)
-    b = registry.select("masked_weight", weight.device, backend)
+    b = registry.select("masked_weight", weight.device, backend, **DISPATCH)
     w, s = weight.detach().contiguous(), scores.detach().contiguous()
     if b == "torch":
         return masked_weight_torch(w, s, threshold.value, threshold.cut)
@@ -174,7 +174,7 @@ def masked_weight(weight: Tensor, scores: Tensor, threshold: SubnetThreshold, *,
 def ste_score_grad(grad: Tensor, weight: Tensor, scores: Tensor, *, backend: str | None = None) -> Tensor:
     """Straight-through score gradient ``grad * weight * sign(scores)``, in the scores' dtype."""
     _check_same_shape(grad=grad, weight=weight, scores=scores)
-    b = registry.select("ste_score_grad", grad.device, backend)
+    b = registry.select("ste_score_grad", grad.device, backend, **DISPATCH)
     g, w, s = grad.contiguous(), weight.detach().contiguous(), scores.detach().contiguous()
     if b == "torch":
         return ste_grad_torch(g, w, s)
@@ -196,7 +196,7 @@ def subnet_sgd_step_(scores: Tensor, grad: Tensor, momentum_buffer: Tensor, *, l
         raise TypeError(f"momentum_buffer must be float32, got {momentum_buffer.dtype}")
     if not (scores.is_contiguous() and momentum_buffer.is_contiguous()):
         raise ValueError("scores and momentum_buffer must be contiguous (they are updated in place)")
-    b = registry.select("subnet_sgd_step", scores.device, backend)
+    b = registry.select("subnet_sgd_step", scores.device, backend, **DISPATCH)
     g = grad.contiguous()
     if b == "torch":
         sgd_step_torch(scores, g, momentum_buffer, lr, momentum, weight_decay, maximize)
@@ -208,6 +208,33 @@ def subnet_sgd_step_(scores: Tensor, grad: Tensor, momentum_buffer: Tensor, *, l
                                                float(momentum), float(weight_decay), bool(maximize))
         # kernels write memory behind autograd's back; bumping the version keeps caches keyed on it honest
         torch.autograd.graph.increment_version(scores)
+
+
+# --- shapes of the compiled ops, for torch.compile (registered at import) ----------------------------
+
+
+def _threshold_fake(scores, k):
+    return scores.new_empty((), dtype=torch.float32), scores.new_empty((), dtype=torch.int64)
+
+
+def _masked_weight_fake(weight, scores, value, cut):
+    return torch.empty_like(weight)
+
+
+def _ste_grad_fake(grad, weight, scores):
+    return torch.empty_like(scores)
+
+
+def _sgd_step_fake(scores, grad, momentum_buffer, lr, momentum, weight_decay, maximize):
+    return None
+
+
+# how registry.select dispatches this family (every call passes it)
+DISPATCH = {"backends": registry.BACKENDS,
+            "ext_ops": ("subnet_threshold", "subnet_masked_weight", "subnet_ste_grad", "subnet_sgd_step_")}
+
+registry.register_fakes({"subnet_threshold": _threshold_fake, "subnet_masked_weight": _masked_weight_fake,
+                         "subnet_ste_grad": _ste_grad_fake, "subnet_sgd_step_": _sgd_step_fake})
 
 
 # --- autograd ---------------------------------------------------------------------------------

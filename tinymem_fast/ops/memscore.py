@@ -236,58 +236,44 @@ def scores_torch(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 
 
 def _triton():
-    from tinymem_fast.kernels import memscore as tk  # imported lazily: needs triton
+    from tinymem_fast.kernels import memscore as tk
 
     return tk
 
 
 
-_fakes_registered = False
+# --- shapes of the compiled ops, for torch.compile (registered at import) ----------------------------
 
 
-def _register_fakes() -> None:
-    """Shape-only implementations of the compiled ops, for torch.compile / FakeTensor tracing."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
+def _memscore_fake(hidden, weight, bias, targets, need_nll, early_exit, chunk_size):
+    m = hidden.shape[0]
+    return hidden.new_empty(m, dtype=torch.bool), hidden.new_empty(m, dtype=torch.float32)
 
-    @torch.library.register_fake("tinymem::memscore")
-    def _memscore_fake(hidden, weight, bias, targets, need_nll, early_exit, chunk_size):
-        m = hidden.shape[0]
-        return hidden.new_empty(m, dtype=torch.bool), hidden.new_empty(m, dtype=torch.float32)
 
-    @torch.library.register_fake("tinymem::lm_head_argmax")
-    def _argmax_fake(hidden, weight, bias, chunk_size):
-        return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
+def _argmax_fake(hidden, weight, bias, chunk_size):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
 
-    if not registry.ext_has("lm_head_argmax_screened"):  # an extension from before the screened head
-        return
 
-    @torch.library.register_fake("tinymem::pack_head_bf16")
-    def _pack_fake(weight):
-        vocab, d = weight.shape
-        packed = weight.new_empty(((vocab + 15) // 16, (d + 1) // 2, 32), dtype=torch.bfloat16)
-        return packed, weight.new_empty(vocab, dtype=torch.float32)
+def _pack_fake(weight):
+    vocab, d = weight.shape
+    packed = weight.new_empty(((vocab + 15) // 16, (d + 1) // 2, 32), dtype=torch.bfloat16)
+    return packed, weight.new_empty(vocab, dtype=torch.float32)
 
-    @torch.library.register_fake("tinymem::lm_head_argmax_screened")
-    def _screened_fake(hidden, weight, packed, wnorm, bias):
-        return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
+
+def _screened_fake(hidden, weight, packed, wnorm, bias):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.int64)
+
+
+registry.register_fakes({"memscore": _memscore_fake, "lm_head_argmax": _argmax_fake,
+                         "pack_head_bf16": _pack_fake, "lm_head_argmax_screened": _screened_fake})
+
+
+# how registry.select dispatches this family: each entry point names the compiled op it calls
+DISPATCH = {"backends": registry.BACKENDS, "ext_ops": ("memscore", "lm_head_argmax")}
 
 
 def _select(op: str, ext_op: str, device: torch.device, backend: str | None) -> str:
-    b = registry.select(op, device, backend)
-    if b in ("cpp", "cuda") and registry.ext_has(ext_op):
-        _register_fakes()
-    if b in ("cpp", "cuda") and not registry.ext_has(ext_op):
-        # a compiled extension from before this op family existed: treat like a missing backend
-        requested = backend or os.environ.get("TINYMEM_BACKEND")
-        if requested:
-            raise registry.BackendUnavailable(
-                f"{op}: backend {b!r} was requested but the compiled extension has no tinymem::{ext_op} "
-                "(stale build); rebuild with pip install --no-build-isolation -e .")
-        return "torch"
-    return b
+    return registry.select(op, device, backend, backends=DISPATCH["backends"], ext_ops=(ext_op,))
 
 
 def _run(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, need_nll: bool,
@@ -415,7 +401,6 @@ def pack_head(weight: Tensor, bias: Tensor | None = None) -> HeadPack | None:
     version = _weight_version(weight)
     if version is None or not head_screen_available():
         return None
-    _register_fakes()
     packed, wnorm = torch.ops.tinymem.pack_head_bf16(weight.detach().contiguous())
     return HeadPack(packed=packed, wnorm=wnorm, shape=tuple(weight.shape), version=version,
                     data_ptr=weight.data_ptr())

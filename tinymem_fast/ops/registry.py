@@ -102,6 +102,16 @@ def cpu_isa_levels() -> tuple[str, ...]:
     return CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(info["best"]) + 1]
 
 
+def register_fakes(fakes: dict) -> None:
+    """Register shape-only implementations (torch.compile, FakeTensor tracing) of compiled ops, once, when
+    the op family's module is imported; ops the loaded extension lacks (a stale build) are skipped."""
+    if ext() is None:
+        return
+    for name, fn in fakes.items():
+        if ext_has(name):
+            torch.library.register_fake(f"tinymem::{name}")(fn)
+
+
 # --- triton -----------------------------------------------------------------------------------
 
 
@@ -128,7 +138,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
         return ""
     if backend == "cpp":
         if dev != "cpu":
-            return f"the cpp backend runs on CPU tensors, got {dev} tensors"
+            return f"the cpp backend is CPU-only, got {dev} tensors"
         mod, reason = _load_ext()
         return "" if mod is not None else f"the compiled extension is {reason}"
     if backend == "triton":
@@ -155,22 +165,58 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
 _warned: set[tuple[str, str]] = set()
 
 
-def select(op: str, device: torch.device | str, backend: str | None = None) -> str:
-    """Pick the backend for one call of ``op`` on ``device``."""
+def backend_reasons(op: str, device: torch.device | str, *, backends: tuple[str, ...] = BACKENDS,
+                    ext_ops: tuple[str, ...] = ()) -> dict[str, str]:
+    """Why each backend of ``op`` cannot run on ``device`` ('' where it can): the one question every op
+    family asks before a call, and what ``tinymem info`` and the errors print."""
     device = torch.device(device)
+    out = {}
+    for b in BACKENDS:
+        if b not in backends:
+            out[b] = f"{op} has no {b} backend (it has {', '.join(backends)})"
+            continue
+        why = unavailable_reason(b, device)
+        if not why and b in ("cpp", "cuda"):
+            missing = [o for o in ext_ops if not ext_has(o)]
+            if missing:
+                why = (f"the compiled extension has no tinymem::{missing[0]} (stale build); rebuild with "
+                       "pip install --no-build-isolation -e .")
+        out[b] = why
+    return out
+
+
+def select(op: str, device: torch.device | str, backend: str | None = None, *,
+           backends: tuple[str, ...] = BACKENDS, ext_ops: tuple[str, ...] = (),
+           takes=None) -> str:
+    """Pick the backend for one call of ``op`` on ``device``: the one dispatcher of every op family.
+
+    ``backends``: the backends the family has; ``ext_ops``: the compiled ops its cpp/cuda backends call;
+    ``takes(backend) -> str``: why this call's inputs do not suit a backend ('' if they do), consulted
+    for automatic choices only (an explicit choice runs, and the kernel says what it does not take).
+    An explicit ``backend=`` (or ``TINYMEM_BACKEND``) that cannot run raises :class:`BackendUnavailable`
+    with the reason; a process-wide ``TINYMEM_BACKEND`` naming a backend this family lacks is ignored.
+    An automatic choice that cannot run falls back to ``torch``, warning once per backend and device."""
+    device = torch.device(device)
+    from_env = backend is None and bool(os.environ.get("TINYMEM_BACKEND"))
     requested = backend or os.environ.get("TINYMEM_BACKEND") or None
     if requested is not None:
         requested = requested.lower()
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r} (from "
-                             f"{'backend=' if backend else 'TINYMEM_BACKEND'}); "
+                             f"{'TINYMEM_BACKEND' if from_env else 'backend='}); "
                              f"choose one of {', '.join(BACKENDS)}")
-        why = unavailable_reason(requested, device)
-        if why:
-            raise BackendUnavailable(f"{op}: backend {requested!r} was requested but is unavailable: {why}")
+        if from_env and requested not in backends:
+            requested = None  # a process-wide choice says nothing about a family without that backend
+    reasons = backend_reasons(op, device, backends=backends, ext_ops=ext_ops)
+    if requested is not None:
+        if reasons[requested]:
+            raise BackendUnavailable(f"{op}: backend {requested!r} was requested but is unavailable: "
+                                     f"{reasons[requested]}")
         return requested
     auto = DEFAULT_BY_DEVICE.get(device.type, "torch")
-    why = unavailable_reason(auto, device)
+    if auto not in backends:
+        return "torch"
+    why = reasons[auto]
     if why:
         key = (auto, device.type)
         if key not in _warned:
@@ -178,11 +224,17 @@ def select(op: str, device: torch.device | str, backend: str | None = None) -> s
             warnings.warn(f"tinymem_fast: {auto} backend unavailable on {device.type} ({why}); "
                           "falling back to the torch backend", RuntimeWarning, stacklevel=3)
         return "torch"
+    if takes is not None and takes(auto):
+        return "torch"
     return auto
 
 
-def default_backend(device: str) -> str:
-    """The backend an op would use on ``device`` without an explicit choice (for ``tinymem info``)."""
+def default_backend(device: str, *, backends: tuple[str, ...] = BACKENDS,
+                    ext_ops: tuple[str, ...] = ()) -> str:
+    """The backend an op family would use on ``device`` without an explicit choice (``tinymem info``)."""
     dev = torch.device(device)
     auto = DEFAULT_BY_DEVICE.get(dev.type, "torch")
-    return auto if not unavailable_reason(auto, dev) else "torch"
+    if auto not in backends:
+        return "torch"
+    why = backend_reasons("op", dev, backends=backends, ext_ops=ext_ops)[auto]
+    return auto if not why else "torch"

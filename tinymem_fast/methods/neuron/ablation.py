@@ -9,7 +9,8 @@ zeroing the neuron's *input* weights and input bias:
 * Llama-style: row ``i`` of both ``gate_proj`` and ``up_proj`` (and their biases, if any).
 
 Since act(0) = 0 for ReLU/GELU/SiLU and ``act(gate) * up`` is 0 once ``up`` is, the neuron then outputs
-exactly 0 for every input. Modules are reached only through :func:`~tinymem_fast.models.adapters.mlp_layers`.
+exactly 0 for every input. Modules are reached only through
+:func:`~tinymem_fast.integrations.adapters.mlp_layers`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...models.adapters import MLPLayer, mlp_layers
+from ...integrations.adapters import MLPLayer, mlp_layers
 from ...ops.masked_subnet import layout_of, num_dropped
-from ...training import token_loss
+from ...tinymem.training import token_loss
 
 
 def top_neurons(attribution: Tensor, ratio: float) -> dict[int, Tensor]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ...models.adapters import mlp_layers
+from ...integrations.adapters import mlp_layers
 from ...ops.masked_subnet import check_ratio
 from ..registry import UnlearnInputs, register
 from .ablation import ablate_neurons, mlp_activation_hook, output_weight_norms, top_neurons

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...models.adapters import mlp_layers
+from ...integrations.adapters import mlp_layers
 from ...ops.masked_subnet import check_ratio
 from ..registry import UnlearnInputs, register
 from .ablation import ablate_neurons, fit_neuron_gates, top_neurons

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...models.adapters import mlp_layers
+from ...integrations.adapters import mlp_layers
 from ..registry import UnlearnInputs, register
 from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
 from .activations import position_weights

@@ -5,7 +5,7 @@
 * ``loss_truncation`` (``truncate_loss``): sequences above a running loss percentile get weight 0.
 * ``example_tied_dropout``: per-example fixed channel masks on the residual stream.
 
-Each is a :class:`~tinymem_fast.training.TrainHook`; :func:`get_regularizer` returns a factory
+Each is a :class:`~tinymem_fast.tinymem.training.TrainHook`; :func:`get_regularizer` returns a factory
 ``(model, train_cfg, seed) -> hook``. :func:`step_overhead` times training steps with and without the
 regularizer on copies of the model (same batches, interleaved), and :func:`regularizer_row` turns a
 regularized run plus its unregularized baseline into a result row of the unlearning table's schema.
@@ -96,7 +96,7 @@ def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, s
     same first batches of epoch 0, steps interleaved (alternating which goes first) so both see the same
     machine load. Global RNG states are restored, so the real run is unaffected. Cached in
     ``out_dir/regularizer_cost.json``. ``steps = 0`` skips the measurement (None)."""
-    from ...training import Trainer, epoch_order
+    from ...tinymem.training import Trainer, epoch_order
 
     if steps <= 0:
         return None
@@ -163,7 +163,7 @@ def regularizer_row(run_dir: str, baseline_dir: str) -> dict:
     regularized run's training time (evaluations excluded), with the baseline's and the per-step overhead
     beside it."""
     from ... import __version__
-    from ...experiments import _utility, selection_score
+    from ...tinymem.results import selection_score, utility
 
     info, binfo = _read(run_dir, "run.json"), _read(baseline_dir, "run.json")
     after, base = _read(run_dir, "final_metrics.json"), _read(baseline_dir, "final_metrics.json")
@@ -193,7 +193,7 @@ def regularizer_row(run_dir: str, baseline_dir: str) -> dict:
         "method": name, "category": "regularizer", "seed": seed, "hparams": hp,
         "n_forget": None, "n_retain": None,
         "mem_metric": mem_key, "mem_before": base[mem_key], "mem_after": after[mem_key],
-        "utility_before": _utility(base, kind), "utility_after": _utility(after, kind),
+        "utility_before": utility(base, kind), "utility_after": utility(after, kind),
         **selection_score(base, after, kind, mem_key),
         "time_method_s": after.get("train_s"), "time_edit_s": after.get("train_s"),
         "time_eval_s": after.get("eval_s"),

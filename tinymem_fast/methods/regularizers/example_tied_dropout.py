@@ -25,8 +25,8 @@ import math
 
 import torch
 
-from ...models.adapters import FAMILIES, _get, family_of
-from ...training import TrainHook
+from ...integrations.adapters import FAMILIES, _get, family_of
+from ...tinymem.training import TrainHook
 
 _M32 = 0xFFFFFFFF
 

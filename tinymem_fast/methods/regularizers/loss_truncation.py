@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...training import TrainHook
+from ...tinymem.training import TrainHook
 
 
 class LossTruncation(TrainHook):

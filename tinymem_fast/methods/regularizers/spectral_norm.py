@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models.adapters import FAMILIES, _get, family_of
-from ...training import TrainHook
+from ...integrations.adapters import FAMILIES, _get, family_of
+from ...tinymem.training import TrainHook
 
 
 @dataclass

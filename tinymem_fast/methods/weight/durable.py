@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...models.adapters import mlp_parameters
+from ...integrations.adapters import mlp_parameters
 from ...ops.masked_subnet import check_ratio, num_dropped
-from ...training import token_loss
+from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
 
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...ops.masked_subnet import check_ratio, num_dropped
-from ...training import token_loss
+from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
 from ..sampling import Cycler
 

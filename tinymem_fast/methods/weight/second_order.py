@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ...models.adapters import mlp_layers
+from ...integrations.adapters import mlp_layers
 from ...ops.masked_subnet import check_ratio, layout_of, num_dropped
-from ...training import token_loss
+from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
 from .durable import top_k_mask
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ...models.adapters import SubnetWrapping
+from ...integrations.adapters import SubnetWrapping
 from ...ops.masked_subnet import SubnetSGD, check_ratio
-from ...training import token_loss
+from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
 from ..sampling import Cycler
 

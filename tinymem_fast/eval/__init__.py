@@ -1,0 +1,8 @@
+"""The scoring engine on any Hugging Face causal LM: exact one-pass scores, greedy extraction,
+inputs and outputs, torchrun sharding, scores across checkpoints."""
+
+from ..integrations.loading import ModelFolderError, load_causal_lm
+from .scoring import ExtractResult, ScoreResult, ScoringInputError, extract, load_sequences, score_exact
+
+__all__ = ["ExtractResult", "ModelFolderError", "ScoreResult", "ScoringInputError", "extract",
+           "load_causal_lm", "load_sequences", "score_exact"]

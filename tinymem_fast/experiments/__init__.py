@@ -1,0 +1,2 @@
+"""Experiments built on the library: the unlearning pipeline, sweeps and grids, reports, the
+Pythia protocol, the demo."""

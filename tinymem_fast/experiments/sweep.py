@@ -1,0 +1,291 @@
+"""Sweeps: methods x hyperparameter grid x seeds over one or more trained runs, resumable and shardable.
+
+Every run is keyed by a hash of (model, method, full method settings, seed) and writes exactly one file,
+``OUT/rows/<key>.json``, atomically (temporary file + rename) when it finishes; a restarted sweep skips
+the keys that have a file, so nothing finished is redone and nothing half-written is ever read. Shards
+(``--shard i/n``, or ``RANK``/``WORLD_SIZE`` under ``torchrun``) take every n-th run of the same ordered
+plan and write into the same folder without coordination.
+
+Method families:
+
+* unlearning (the 11 registered methods): on a fresh copy of the run's final model; the base
+  evaluation and forget set are computed once per model and process;
+* regularizers (``spectral_norm``, ``loss_truncation``, ``example_tied_dropout``): a full training run of
+  the same preset with the regularizer (``OUT/runs/<key>``, itself resumable), compared with the given
+  unregularized run;
+* fine-tuning (``clean_ft``, ``extra_ft``, ``both_ft``): from the run's final checkpoint and AdamW state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..common import atomic
+from .grids import get_grid
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+REGULARIZERS = ("spectral_norm", "loss_truncation", "example_tied_dropout")
+FINETUNES = {"clean_ft": "clean", "extra_ft": "extra", "both_ft": "both"}
+
+
+def all_methods() -> list[str]:
+    from ..methods import method_names
+
+    return method_names() + list(REGULARIZERS) + list(FINETUNES)
+
+
+def canonical(name: str) -> str:
+    """The canonical name of any of the 17 methods (reference names accepted)."""
+    from ..methods import get_method
+    from ..methods.regularizers import ALIASES
+
+    name = name.strip()
+    if name in FINETUNES or name in REGULARIZERS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    try:
+        return get_method(name).name
+    except ValueError:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(all_methods())} "
+                         "or `all`") from None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str          # a `tinymem train` run folder (absolute)
+    method: str
+    hparams: tuple      # sorted (name, value) pairs of the full settings
+    seed: int
+    key: str = field(compare=False)
+
+    @property
+    def hp(self) -> dict:
+        return dict(self.hparams)
+
+
+def _full_settings(method: str, point: dict) -> dict:
+    """Every setting of the method (defaults filled in), validated, as a plain dict."""
+    if method in REGULARIZERS:
+        from ..tinymem.training import TrainConfig
+
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = [k for k in point if k not in known]
+        if bad:
+            raise ValueError(f"{method} has no setting {bad[0]!r}; its settings are TrainConfig fields "
+                             "such as spectral_lambda, trunc_drop_frac, etd_p_fixed")
+        from ..methods.regularizers import check_config
+
+        check_config(dataclasses.replace(TrainConfig(), regularizer=method, **point))
+        return dict(point)
+    if method in FINETUNES:
+        if set(point) - {"epochs"}:
+            raise ValueError(f"{method} takes only `epochs`, got {sorted(point)}")
+        return {"epochs": point.get("epochs", 5)}
+    from ..methods import get_method
+    from ..methods.registry import make_config
+
+    cfg = make_config(get_method(method), point)
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("progress", "seed")}
+
+
+def load_grid(grid: str) -> dict[str, list[dict]]:
+    """A named grid (``quick``/``paper``) or a YAML/JSON file mapping method -> list of settings, or
+    method -> {setting: [values]} (expanded as a product)."""
+    if os.path.exists(grid):
+        from ..tinymem.presets import read_tree
+        from .grids import expand
+
+        raw = read_tree(grid, "grid file")
+        if not isinstance(raw, dict):
+            raise ValueError(f"grid file {grid!r} must map method names to settings")
+        out = {}
+        for k, v in raw.items():
+            if v is None:
+                v = {}
+            if isinstance(v, list) and all(isinstance(p, dict) for p in v):
+                out[k] = v
+            elif isinstance(v, dict):
+                out[k] = expand({a: (b if isinstance(b, list) else [b]) for a, b in v.items()})
+            else:
+                raise ValueError(f"grid file {grid!r}: {k!r} must map to settings ({{ratio: [0.01, 0.05]}}) "
+                                 f"or a list of setting mappings, got {v!r}")
+        return out
+    return get_grid(grid)
+
+
+def plan(models: list[str], methods: list[str] | str, grid: str | dict, seeds: list[int]) -> list[RunSpec]:
+    """The ordered list of runs. Unknown methods or settings fail here, before any work."""
+    g = load_grid(grid) if isinstance(grid, str) else grid
+    names = all_methods() if methods == "all" or methods == ["all"] else [canonical(m) for m in methods]
+    grid_names = {canonical(k): v for k, v in g.items()}
+    runs = []
+    for model in models:
+        if not os.path.exists(os.path.join(model, "run.json")):
+            raise ValueError(f"{model!r} is not a `tinymem train` run folder (no run.json)")
+        mpath = os.path.abspath(model)
+        for m in names:
+            points = grid_names.get(m, [{}] if m in REGULARIZERS or m in FINETUNES else None)
+            if points is None:
+                raise ValueError(f"the grid has no entry for {m}; "
+                                 f"grid methods: {', '.join(sorted(grid_names))}")
+            for point in points:
+                full = _full_settings(m, point)
+                for seed in seeds:
+                    blob = json.dumps({"model": mpath, "method": m, "hp": full, "seed": seed}, sort_keys=True,
+                                      default=str)
+                    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+                    runs.append(RunSpec(mpath, m, tuple(sorted(full.items())), seed, key))
+    if not runs:
+        raise ValueError("the sweep expands to zero runs (no models, methods, grid points or seeds)")
+    return runs
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard expects i/n (e.g. 0/4), got {shard!r}") from None
+        if not 0 <= i < n:
+            raise ValueError(f"--shard {shard}: need 0 <= i < n")
+        return i, n
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def _write_atomic(path: str, obj) -> None:
+    atomic.write_json(path, obj, indent=None, fsync=True)
+
+
+def check_schema(out: str) -> None:
+    meta = os.path.join(out, "sweep.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            v = json.load(f).get("schema")
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"{out!r} holds results of schema version {v}, this tinymem_fast writes version "
+                             f"{SCHEMA_VERSION}; use a new --out folder")
+
+
+class _ModelCache:
+    """Per trained run: its data, base evaluation and forget set (computed once per process)."""
+
+    def __init__(self, device: str, retain_size: int | None):
+        self.device, self.retain_size, self.cache = device, retain_size, {}
+
+    def get(self, run_dir: str):
+        if run_dir not in self.cache:
+            from ..methods.finetune import load_run_data
+            from ..tinymem.models import load_model
+            from .unlearning import forget_set, stats
+
+            cfg, data = load_run_data(run_dir)
+            model = load_model(os.path.join(run_dir, "final"), device=self.device)
+            base, forget = stats(model, data), forget_set(model, data)
+            self.cache[run_dir] = (cfg, data, base, forget)
+        return self.cache[run_dir]
+
+
+def execute(spec: RunSpec, out: str, cache: _ModelCache, progress: bool = False) -> dict:
+    from ..tinymem.models import load_model
+    from .unlearning import unlearn
+
+    if spec.method in FINETUNES:
+        from ..methods.finetune import FinetuneConfig, finetune
+
+        return finetune(spec.model, FinetuneConfig(data=FINETUNES[spec.method], epochs=spec.hp["epochs"]),
+                        os.path.join(out, "runs", spec.key), device=cache.device, progress=progress)
+    if spec.method in REGULARIZERS:
+        from ..methods.finetune import load_run
+        from ..methods.regularizers import regularizer_row
+        from ..tinymem.training import train_run
+
+        cfg, _ = load_run(spec.model)
+        cfg.train = dataclasses.replace(cfg.train, regularizer=spec.method, device=cache.device, **spec.hp)
+        cfg.seed = spec.seed
+        run_dir = os.path.join(out, "runs", spec.key)
+        train_run(cfg, run_dir, preset=f"sweep:{spec.method}", progress=progress)
+        return regularizer_row(run_dir, spec.model)
+    cfg, data, base, forget = cache.get(spec.model)
+    model = load_model(os.path.join(spec.model, "final"), device=cache.device)
+    return unlearn(model, data, spec.method, {**spec.hp, "progress": progress}, seed=spec.seed,
+                   model_tag=spec.model, base=base, forget=forget, retain_size=cache.retain_size)
+
+
+def run_sweep(runs: list[RunSpec], out: str, *, shard: tuple[int, int] = (0, 1), device: str = "cpu",
+              retain_size: int | None = 2000, progress: bool = True) -> dict:
+    """Run this shard's share of ``runs``; returns a summary (counts, wall time, bookkeeping share)."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    os.makedirs(os.path.join(out, "rows"), exist_ok=True)
+    check_schema(out)
+    i, n = shard
+    if i == 0:
+        _write_atomic(os.path.join(out, "sweep.json"), {"schema": SCHEMA_VERSION, "n_runs": len(runs)})
+    mine = runs[i::n]
+    todo = [r for r in mine if not os.path.exists(os.path.join(out, "rows", f"{r.key}.json"))]
+    cache = _ModelCache(device, retain_size)
+    in_runs = 0.0
+    done = 0
+    bar = tqdm(todo, desc=f"sweep shard {i}/{n}", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(f"{spec.method} {spec.hp.get('ratio', '')}")
+        t0 = time.perf_counter()
+        row = execute(spec, out, cache)
+        in_runs += time.perf_counter() - t0
+        row.update(sweep_key=spec.key, schema=SCHEMA_VERSION, grid_point=spec.hp, model_dir=spec.model)
+        _write_atomic(os.path.join(out, "rows", f"{spec.key}.json"), row)
+        done += 1
+    wall = time.perf_counter() - t_start
+    summary = {"shard": f"{i}/{n}", "planned": len(mine), "skipped": len(mine) - len(todo), "ran": done,
+               "wall_s": wall, "in_runs_s": in_runs,
+               "bookkeeping_s": wall - in_runs, "bookkeeping_frac": (wall - in_runs) / wall if wall else 0.0}
+    _write_atomic(os.path.join(out, f"summary-shard{i}of{n}.json"), summary)
+    return summary
+
+
+def _parse_row(raw: bytes, where: str) -> dict:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: a result row that is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: a broken result row ({exc.msg} at character {exc.pos}); remove it (a "
+                         "sweep redoes missing rows) or restore it") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a result row must be a JSON object, got {type(row).__name__}")
+    return row
+
+
+def load_rows(out: str) -> list[dict]:
+    """Every finished row of a sweep folder (or a results.jsonl file), schema-checked."""
+    rows = []
+    if os.path.isfile(out):
+        with open(out, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
+                    rows.append(_parse_row(raw, f"{out}:{lineno}"))
+    else:
+        check_schema(out)
+        d = os.path.join(out, "rows")
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{out!r} has no rows/ folder: not a sweep output")
+        for name in sorted(os.listdir(d)):
+            if name.endswith(".json") and not name.startswith(".tmp"):
+                path = os.path.join(d, name)
+                with open(path, "rb") as f:
+                    rows.append(_parse_row(f.read(), path))
+    for r in rows:
+        if r.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise ValueError(f"a row has schema version {r.get('schema')}, expected {SCHEMA_VERSION}")
+    return rows

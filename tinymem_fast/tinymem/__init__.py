@@ -1,0 +1,1 @@
+"""The TinyMem suite: data with injected artifacts, models, training, presets and its metrics."""
