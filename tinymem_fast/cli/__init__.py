@@ -151,7 +151,8 @@ def _parse_hp(items: list[str]) -> dict:
 
 def _methods_arg(text: str) -> list:
     """Registered unlearning methods named by ``a,b,c`` or ``all`` (each once, in the order given)."""
-    from ..methods import get_method, method_names
+    from ..methods import method_names
+    from ..methods.registry import get_unlearning_method as get_method
 
     names = method_names() if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
     return list(dict.fromkeys(get_method(n) for n in names))

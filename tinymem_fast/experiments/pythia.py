@@ -88,7 +88,8 @@ def run_protocol(model_dir: str, memorized: torch.Tensor, clean: torch.Tensor, m
     from .. import __version__
     from ..common.devices import device_name
     from ..eval.scoring import ScoringInputError, load_causal_lm
-    from ..methods import UnlearnInputs, get_method
+    from ..methods import UnlearnInputs
+    from ..methods.registry import get_unlearning_method as get_method
     from ..methods.registry import make_config
     from ..tinymem.results import run_id, selection_score, utility
 

@@ -32,31 +32,31 @@ from .grids import get_grid
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-REGULARIZERS = ("spectral_norm", "loss_truncation", "example_tied_dropout")
-FINETUNES = {"clean_ft": "clean", "extra_ft": "extra", "both_ft": "both"}
+TRAINING_KINDS = ("regularizer", "fine-tuning")  # they train; every setting has a default, no grid needed
 
 
 def all_methods() -> list[str]:
-    from ..methods import method_names
+    """The 17 methods, unlearning first (the registry knows them all)."""
+    from ..methods.registry import method_names
 
-    return method_names() + list(REGULARIZERS) + list(FINETUNES)
+    return method_names() + method_names(TRAINING_KINDS)
 
 
 def canonical(name: str) -> str:
     """The canonical name of any of the 17 methods (reference names accepted)."""
     from ..methods import get_method
-    from ..methods.regularizers import ALIASES
 
-    name = name.strip()
-    if name in FINETUNES or name in REGULARIZERS:
-        return name
-    if name in ALIASES:
-        return ALIASES[name]
     try:
-        return get_method(name).name
+        return get_method(name.strip()).name
     except ValueError:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(all_methods())} "
                          "or `all`") from None
+
+
+def _kind(method: str) -> str:
+    from ..methods import get_method
+
+    return get_method(method).category
 
 
 @dataclass(frozen=True)
@@ -74,22 +74,6 @@ class RunSpec:
 
 def _full_settings(method: str, point: dict) -> dict:
     """Every setting of the method (defaults filled in), validated, as a plain dict."""
-    if method in REGULARIZERS:
-        from ..tinymem.training import TrainConfig
-
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = [k for k in point if k not in known]
-        if bad:
-            raise ValueError(f"{method} has no setting {bad[0]!r}; its settings are TrainConfig fields "
-                             "such as spectral_lambda, trunc_drop_frac, etd_p_fixed")
-        from ..methods.regularizers import check_config
-
-        check_config(dataclasses.replace(TrainConfig(), regularizer=method, **point))
-        return dict(point)
-    if method in FINETUNES:
-        if set(point) - {"epochs"}:
-            raise ValueError(f"{method} takes only `epochs`, got {sorted(point)}")
-        return {"epochs": point.get("epochs", 5)}
     from ..methods import get_method
     from ..methods.registry import make_config
 
@@ -133,7 +117,7 @@ def plan(models: list[str], methods: list[str] | str, grid: str | dict, seeds: l
             raise ValueError(f"{model!r} is not a `tinymem train` run folder (no run.json)")
         mpath = os.path.abspath(model)
         for m in names:
-            points = grid_names.get(m, [{}] if m in REGULARIZERS or m in FINETUNES else None)
+            points = grid_names.get(m, [{}] if _kind(m) in TRAINING_KINDS else None)
             if points is None:
                 raise ValueError(f"the grid has no entry for {m}; "
                                  f"grid methods: {', '.join(sorted(grid_names))}")
@@ -196,25 +180,15 @@ class _ModelCache:
 
 
 def execute(spec: RunSpec, out: str, cache: _ModelCache, progress: bool = False) -> dict:
+    from ..methods import get_method
+    from ..methods.registry import make_config
     from ..tinymem.models import load_model
     from .unlearning import unlearn
 
-    if spec.method in FINETUNES:
-        from ..methods.finetune import FinetuneConfig, finetune
-
-        return finetune(spec.model, FinetuneConfig(data=FINETUNES[spec.method], epochs=spec.hp["epochs"]),
-                        os.path.join(out, "runs", spec.key), device=cache.device, progress=progress)
-    if spec.method in REGULARIZERS:
-        from ..methods.finetune import load_run
-        from ..methods.regularizers import regularizer_row
-        from ..tinymem.training import train_run
-
-        cfg, _ = load_run(spec.model)
-        cfg.train = dataclasses.replace(cfg.train, regularizer=spec.method, device=cache.device, **spec.hp)
-        cfg.seed = spec.seed
-        run_dir = os.path.join(out, "runs", spec.key)
-        train_run(cfg, run_dir, preset=f"sweep:{spec.method}", progress=progress)
-        return regularizer_row(run_dir, spec.model)
+    m = get_method(spec.method)
+    if m.category in TRAINING_KINDS:  # a training run of its own beside the trained one
+        return m.run(spec.model, make_config(m, spec.hp), os.path.join(out, "runs", spec.key),
+                     device=cache.device, seed=spec.seed, progress=progress)
     cfg, data, base, forget = cache.get(spec.model)
     model = load_model(os.path.join(spec.model, "final"), device=cache.device)
     return unlearn(model, data, spec.method, {**spec.hp, "progress": progress}, seed=spec.seed,

@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..common.devices import device_name, sync
-from ..methods.registry import UnlearnInputs, get_method, make_config
+from ..methods.registry import UnlearnInputs, get_unlearning_method, make_config
 from ..tinymem.memorization import backdoor_success, noise_memorization
 from ..tinymem.results import CSV_FIELDS, append_row, run_id, selection_score, stats, utility  # noqa: F401
 
@@ -70,7 +70,7 @@ def unlearn(model, data, method: str, overrides: dict | None = None, *, retain_s
             seed: int = 0, model_tag: str = "", base: dict | None = None, eval_batch_size: int = 256,
             forget: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Run one method on ``model`` (edited in place) and return its result row."""
-    m = get_method(method)
+    m = get_unlearning_method(method)
     cfg = make_config(m, overrides)
     if hasattr(cfg, "seed"):
         cfg.seed = seed

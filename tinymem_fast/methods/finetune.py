@@ -30,6 +30,7 @@ from .. import __version__
 from ..tinymem.data import math as mathdata
 from ..tinymem.data.dataset import DataConfig, TinyMemData, build
 from ..tinymem.training import TrainConfig, list_checkpoints, train
+from .registry import register
 
 log = logging.getLogger(__name__)
 
@@ -244,3 +245,25 @@ def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None
         "device": device_name(model), "versions": {"tinymem_fast": __version__, "torch": torch.__version__},
         "base": base, "after": after,
     }
+
+
+# --- in the method registry: Clean / Extra / Both fine-tuning -----------------------------------------
+
+
+@dataclass
+class FinetuneMethodConfig:
+    epochs: float = 5
+
+
+def _run_finetune(which: str):
+    def run(run_dir: str, cfg: FinetuneMethodConfig, out_dir: str, *, device: str = "cpu",
+            seed: int | None = None, progress: bool = False) -> dict:
+        return finetune(run_dir, FinetuneConfig(data=which, epochs=cfg.epochs), out_dir, device=device,
+                        progress=progress)
+
+    return run
+
+
+for _which in FT_DATA:
+    register(f"{_which}_ft", FinetuneMethodConfig, "fine-tuning",
+             aliases=(f"{_which}_finetune",))(_run_finetune(_which))

@@ -1,4 +1,13 @@
-"""Method registry: names, reference-code aliases, config classes."""
+"""The one registry of the 17 mitigation methods: name, reference-code aliases, kind, settings
+dataclass and how it runs.
+
+Kinds (``Method.category``) and what ``run`` takes:
+
+* ``weight`` / ``neuron`` (unlearning, 11): ``run(model, inputs: UnlearnInputs, cfg) -> info``, editing the
+  model in place (:func:`tinymem_fast.experiments.unlearning.unlearn` wraps it into a result row);
+* ``regularizer`` (3) and ``fine-tuning`` (3): ``run(run_dir, cfg, out_dir, *, device, seed, progress) ->
+  result row``, a training run next to a trained TinyMem run folder.
+"""
 
 from __future__ import annotations
 
@@ -49,13 +58,19 @@ def register(name: str, config_cls: type, category: str, aliases: tuple = ()):
 
 def _load_all() -> None:
     # importing a method's module registers it
+    from . import finetune, regularizers  # noqa: F401
     from .neuron import activations, hard_concrete, integrated_gradients, slimming, zero_out  # noqa: F401
     from .weight import durable, greedy, second_order, subnet  # noqa: F401
 
 
-def method_names() -> list[str]:
+UNLEARNING = ("weight", "neuron")
+KINDS = ("regularizer", "fine-tuning", *UNLEARNING)
+
+
+def method_names(kinds: tuple[str, ...] = UNLEARNING) -> list[str]:
+    """Registered methods of the given kinds (default: the 11 unlearning methods), sorted by name."""
     _load_all()
-    return sorted(METHODS)
+    return sorted(n for n, m in METHODS.items() if m.category in kinds)
 
 
 def get_method(name: str) -> Method:
@@ -66,6 +81,16 @@ def get_method(name: str) -> Method:
         if name in m.aliases:
             return m
     raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+
+
+def get_unlearning_method(name: str) -> Method:
+    """An unlearning method by name; a training-time method gets a one-line pointer to its command."""
+    m = get_method(name)
+    if m.category not in UNLEARNING:
+        how = "tinymem train --regularizer" if m.category == "regularizer" else "tinymem finetune"
+        raise ValueError(f"{m.name} is a {m.category} method, not an unlearning one: run it with {how} "
+                         "(or in a sweep)")
+    return m
 
 
 # settings that count or scale something: zero or negative is never meant (None = the method's default)

@@ -22,9 +22,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from ..registry import register
 from .example_tied_dropout import ExampleTiedDropout
 from .loss_truncation import LossTruncation
 from .spectral_norm import SpectralNorm
@@ -46,6 +48,71 @@ REGULARIZERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 ALIASES = {"spectral_reg": "spectral_norm", "truncate_loss": "loss_truncation",
            "example_tied": "example_tied_dropout", "etd": "example_tied_dropout"}
+
+
+# --- in the method registry: one settings dataclass each, run = a regularized training run ----------
+
+
+@dataclass
+class SpectralNormConfig:
+    spectral_lambda: float = 0.01
+    spectral_power: int = 1
+
+    def __post_init__(self):
+        if self.spectral_lambda < 0 or self.spectral_power not in (1, 2):
+            raise ValueError(f"spectral_norm needs spectral_lambda >= 0 and spectral_power in {{1, 2}}, got "
+                             f"{self.spectral_lambda}, {self.spectral_power}")
+
+
+@dataclass
+class LossTruncationConfig:
+    trunc_drop_frac: float = 0.4
+    trunc_buffer: int = 10000
+    trunc_min_count: int = 10000
+
+    def __post_init__(self):
+        if not 0 <= self.trunc_drop_frac < 1 or self.trunc_buffer < 1 or self.trunc_min_count < 0:
+            raise ValueError("loss_truncation needs 0 <= trunc_drop_frac < 1, trunc_buffer >= 1, "
+                             f"trunc_min_count >= 0, got {self.trunc_drop_frac}, {self.trunc_buffer}, "
+                             f"{self.trunc_min_count}")
+
+
+@dataclass
+class ExampleTiedDropoutConfig:
+    etd_p_fixed: float = 0.2
+    etd_p_mem: float = 0.1
+    etd_per_row_ids: bool = False
+
+    def __post_init__(self):
+        if not (0 < self.etd_p_fixed <= 1 and 0 <= self.etd_p_mem <= 1):
+            raise ValueError("example_tied_dropout needs 0 < etd_p_fixed <= 1 and 0 <= etd_p_mem <= 1, got "
+                             f"{self.etd_p_fixed}, {self.etd_p_mem}")
+
+
+def _run_regularized(name: str):
+    def run(run_dir: str, cfg, out_dir: str, *, device: str = "cpu", seed: int | None = None,
+            progress: bool = False) -> dict:
+        """Train the run's configuration again with this regularizer into ``out_dir``; its result row
+        compares with the unregularized ``run_dir``."""
+        from ...tinymem.training import train_run
+        from ..finetune import load_run
+
+        run_cfg, _ = load_run(run_dir)
+        run_cfg.train = dataclasses.replace(run_cfg.train, regularizer=name, device=device,
+                                            **dataclasses.asdict(cfg))
+        if seed is not None:
+            run_cfg.seed = seed
+        check_config(run_cfg.train)
+        train_run(run_cfg, out_dir, preset=f"sweep:{name}", progress=progress)
+        return regularizer_row(out_dir, run_dir)
+
+    return run
+
+
+for _name, _cls, _aliases in (("spectral_norm", SpectralNormConfig, ("spectral_reg",)),
+                              ("loss_truncation", LossTruncationConfig, ("truncate_loss",)),
+                              ("example_tied_dropout", ExampleTiedDropoutConfig, ("example_tied", "etd"))):
+    register(_name, _cls, "regularizer", aliases=_aliases)(_run_regularized(_name))
 
 
 def canonical_name(name: str) -> str:
