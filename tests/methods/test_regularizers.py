@@ -234,7 +234,7 @@ def test_loss_truncation_batch_loss_is_mean_with_dropped_as_zero():
 
 def _capture(model, reg):
     """(raw, after) block inputs: hooks registered before and after the regularizer's."""
-    from tinymem_fast.methods.regularizers.example_tied_dropout import blocks_of
+    from tinymem_fast.tinymem.regularizers.example_tied_dropout import blocks_of
 
     seen = {"raw": [], "after": []}
     hs = []

@@ -11,12 +11,15 @@ without flags threaded through the loop. ``TrainConfig.regularizer`` names one
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +34,7 @@ from .memorization import memorization_stats
 from .metrics import evaluate_tests
 from .models import build_model, save_model
 from .models.tinymem import save_pretrained_quietly
+from .regularizers import TrainHook, check_config, hparams, make_regularizer
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^step-(\d{9})$")
@@ -82,34 +86,7 @@ class TrainConfig:
                 and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.regularizer is not None:
-            from ..methods.regularizers import check_config
-
             check_config(self)
-
-
-class TrainHook:
-    """Extension point for regularizers: called around each step. ``row_ids`` are the batch's indices into
-    ``data.rows`` (duplicate copies share one), ``copy_ids`` number every copy separately."""
-
-    def begin_step(self, step: int, row_ids: torch.Tensor | None, copy_ids: torch.Tensor | None) -> None:
-        return None
-
-    def per_sequence_weights(self, step: int, seq_loss: torch.Tensor) -> torch.Tensor | None:
-        return None
-
-    def extra_loss(self, model, step: int) -> torch.Tensor | None:
-        return None
-
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue exactly (saved in each checkpoint)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-    def close(self) -> None:
-        """Detach from the model (module hooks)."""
-        return None
 
 
 def build_model_for(data, model_cfg, seed: int = 0):
@@ -294,8 +271,6 @@ def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume:
     own_hooks = []
     cost = None
     if cfg.regularizer:
-        from ..methods.regularizers import make_regularizer, step_overhead
-
         cost = step_overhead(model, data, cfg, out_dir, seed, steps=cfg.reg_timing_steps)
         own_hooks = [make_regularizer(cfg.regularizer, model, cfg, seed)]
     hooks = list(hooks or []) + own_hooks
@@ -468,3 +443,70 @@ def train_run(cfg, out: str, *, preset: str = "custom", resume: bool = True, pro
     result["wall_s"] = time.perf_counter() - t0
     atomic.write_json(os.path.join(out, "final_metrics.json"), result)
     return result
+
+
+# --- what a regularizer costs per step ------------------------------------------------------------
+
+COST_FILE = "regularizer_cost.json"
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, steps: int = 8,
+                  warmup: int = 2) -> dict | None:
+    """Median training-step time with and without the regularizer, on two copies of ``model`` fed the
+    same first batches of epoch 0, steps interleaved (alternating which goes first) so both see the same
+    machine load. Global RNG states are restored, so the real run is unaffected. Cached in
+    ``out_dir/regularizer_cost.json``. ``steps = 0`` skips the measurement (None)."""
+    if steps <= 0:
+        return None
+    path = os.path.join(out_dir, COST_FILE) if out_dir else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("regularizer") == cfg.regularizer and cached.get("hparams") == hparams(cfg):
+            return cached
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    device = torch.device(cfg.device)
+    order, copy_ids = epoch_order(data.copies, seed, 0, with_copy_ids=True)
+    bs = cfg.batch_size
+    n = warmup + steps
+    batches = [(order[i * bs:(i + 1) * bs], copy_ids[i * bs:(i + 1) * bs]) for i in range(n)]
+    batches = [b for b in batches if b[0].numel()] or [(order[:bs], copy_ids[:bs])]
+    plain_cfg = dataclasses.replace(cfg, compile=False, regularizer=None)
+    reg_cfg = dataclasses.replace(cfg, compile=False)
+    m_plain, m_reg = copy.deepcopy(model).to(device), copy.deepcopy(model).to(device)
+    hook = make_regularizer(cfg.regularizer, m_reg, reg_cfg, seed)
+    trainers = {"plain": Trainer(m_plain, plain_cfg), "reg": Trainer(m_reg, reg_cfg, [hook])}
+    times: dict[str, list[float]] = {"plain": [], "reg": []}
+    try:
+        for i in range(n):
+            idx, cids = batches[i % len(batches)]
+            x, pad = data.rows[idx].to(device), data.pad[idx].to(device)
+            pair = list(trainers.items())
+            for name, tr in (pair if i % 2 == 0 else pair[::-1]):
+                _sync(device)
+                t = time.perf_counter()
+                tr.step(x, pad, i, idx, cids)
+                _sync(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        hook.close()
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    plain, reg = statistics.median(times["plain"]), statistics.median(times["reg"])
+    cost = {"regularizer": cfg.regularizer, "hparams": hparams(cfg), "step_ms_plain": 1e3 * plain,
+            "step_ms_regularized": 1e3 * reg, "extra_ms_per_step": 1e3 * (reg - plain),
+            "overhead_ratio": reg / plain, "timed_steps": steps, "device": str(device)}
+    log.info("%s: %.1f ms/step vs %.1f ms unregularized (x%.2f)", cfg.regularizer,
+             cost["step_ms_regularized"], cost["step_ms_plain"], cost["overhead_ratio"])
+    if path:
+        with open(path, "w") as f:
+            json.dump(cost, f, indent=1)
+    return cost

@@ -1,54 +1,35 @@
-"""Training-time regularizers (SPEC 5.2), used through ``TrainConfig.regularizer`` / ``tinymem train
---regularizer NAME``:
-
-* ``spectral_norm`` (reference ``spectral_reg``): + (lambda/2) sum sigma_max^power over weight blocks.
-* ``loss_truncation`` (``truncate_loss``): sequences above a running loss percentile get weight 0.
-* ``example_tied_dropout``: per-example fixed channel masks on the residual stream.
-
-Each is a :class:`~tinymem_fast.tinymem.training.TrainHook`; :func:`get_regularizer` returns a factory
-``(model, train_cfg, seed) -> hook``. :func:`step_overhead` times training steps with and without the
-regularizer on copies of the model (same batches, interleaved), and :func:`regularizer_row` turns a
-regularized run plus its unregularized baseline into a result row of the unlearning table's schema.
-"""
+"""The three training-time regularizers (SPEC 5.2) as mitigation methods: their settings dataclasses
+and ``run`` (a regularized training run beside a trained one) in the method registry, and their result
+rows (:func:`regularizer_row`: the unlearning table's schema, with the extra time per step). The hooks
+themselves are part of the training loop: :mod:`tinymem_fast.tinymem.regularizers`."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ...tinymem.regularizers import (  # noqa: F401 (the regularizers' public names, here too)
+    ALIASES,
+    REGULARIZERS,
+    ExampleTiedDropout,
+    LossTruncation,
+    SpectralNorm,
+    canonical_name,
+    check_config,
+    get_regularizer,
+    hparams,
+    make_regularizer,
+)
+from ...tinymem.training import COST_FILE, step_overhead  # noqa: F401
 from ..registry import register
-from .example_tied_dropout import ExampleTiedDropout
-from .loss_truncation import LossTruncation
-from .spectral_norm import SpectralNorm
 
 log = logging.getLogger(__name__)
-
-COST_FILE = "regularizer_cost.json"
-
-# name -> (factory, the TrainConfig fields it reads)
-REGULARIZERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "spectral_norm": (lambda model, c, seed: SpectralNorm(model, c.spectral_lambda, c.spectral_power, seed),
-                      ("spectral_lambda", "spectral_power")),
-    "loss_truncation": (lambda model, c, seed: LossTruncation(c.trunc_drop_frac, c.trunc_buffer,
-                                                              c.trunc_min_count),
-                        ("trunc_drop_frac", "trunc_buffer", "trunc_min_count")),
-    "example_tied_dropout": (lambda model, c, seed: ExampleTiedDropout(
-        model, c.etd_p_fixed, c.etd_p_mem, seed, c.etd_per_row_ids),
-                             ("etd_p_fixed", "etd_p_mem", "etd_per_row_ids")),
-}
-ALIASES = {"spectral_reg": "spectral_norm", "truncate_loss": "loss_truncation",
-           "example_tied": "example_tied_dropout", "etd": "example_tied_dropout"}
-
 
 # --- in the method registry: one settings dataclass each, run = a regularized training run ----------
 
@@ -113,107 +94,6 @@ for _name, _cls, _aliases in (("spectral_norm", SpectralNormConfig, ("spectral_r
                               ("loss_truncation", LossTruncationConfig, ("truncate_loss",)),
                               ("example_tied_dropout", ExampleTiedDropoutConfig, ("example_tied", "etd"))):
     register(_name, _cls, "regularizer", aliases=_aliases)(_run_regularized(_name))
-
-
-def canonical_name(name: str) -> str:
-    key = ALIASES.get(name, name)
-    if key not in REGULARIZERS:
-        raise ValueError(f"unknown regularizer {name!r}; choose one of {', '.join(sorted(REGULARIZERS))}")
-    return key
-
-
-def get_regularizer(name: str) -> Callable:
-    """Factory ``(model, train_cfg, seed) -> TrainHook`` for a regularizer name (reference names accepted)."""
-    return REGULARIZERS[canonical_name(name)][0]
-
-
-def make_regularizer(name: str, model, cfg, seed: int = 0):
-    return get_regularizer(name)(model, cfg, seed)
-
-
-def check_config(cfg) -> None:
-    """Fail before training on a bad name or value (and store the canonical name)."""
-    cfg.regularizer = canonical_name(cfg.regularizer)
-    bad = []
-    if cfg.spectral_lambda < 0 or cfg.spectral_power not in (1, 2):
-        bad.append(f"spectral_lambda >= 0 and spectral_power in {{1, 2}} (got {cfg.spectral_lambda}, "
-                   f"{cfg.spectral_power})")
-    if not 0 <= cfg.trunc_drop_frac < 1 or cfg.trunc_buffer < 1 or cfg.trunc_min_count < 0:
-        bad.append(f"0 <= trunc_drop_frac < 1, trunc_buffer >= 1, trunc_min_count >= 0 (got "
-                   f"{cfg.trunc_drop_frac}, {cfg.trunc_buffer}, {cfg.trunc_min_count})")
-    if not (0 < cfg.etd_p_fixed <= 1 and 0 <= cfg.etd_p_mem <= 1):
-        bad.append(f"0 < etd_p_fixed <= 1 and 0 <= etd_p_mem <= 1 (got {cfg.etd_p_fixed}, {cfg.etd_p_mem})")
-    if bad:
-        raise ValueError("regularizer settings out of range: need " + "; ".join(bad))
-
-
-def hparams(cfg) -> dict:
-    name = canonical_name(cfg.regularizer)
-    return {k: getattr(cfg, k) for k in REGULARIZERS[name][1]}
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, steps: int = 8,
-                  warmup: int = 2) -> dict | None:
-    """Median training-step time with and without the regularizer, on two copies of ``model`` fed the
-    same first batches of epoch 0, steps interleaved (alternating which goes first) so both see the same
-    machine load. Global RNG states are restored, so the real run is unaffected. Cached in
-    ``out_dir/regularizer_cost.json``. ``steps = 0`` skips the measurement (None)."""
-    from ...tinymem.training import Trainer, epoch_order
-
-    if steps <= 0:
-        return None
-    path = os.path.join(out_dir, COST_FILE) if out_dir else None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("regularizer") == cfg.regularizer and cached.get("hparams") == hparams(cfg):
-            return cached
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    device = torch.device(cfg.device)
-    order, copy_ids = epoch_order(data.copies, seed, 0, with_copy_ids=True)
-    bs = cfg.batch_size
-    n = warmup + steps
-    batches = [(order[i * bs:(i + 1) * bs], copy_ids[i * bs:(i + 1) * bs]) for i in range(n)]
-    batches = [b for b in batches if b[0].numel()] or [(order[:bs], copy_ids[:bs])]
-    plain_cfg = dataclasses.replace(cfg, compile=False, regularizer=None)
-    reg_cfg = dataclasses.replace(cfg, compile=False)
-    m_plain, m_reg = copy.deepcopy(model).to(device), copy.deepcopy(model).to(device)
-    hook = make_regularizer(cfg.regularizer, m_reg, reg_cfg, seed)
-    trainers = {"plain": Trainer(m_plain, plain_cfg), "reg": Trainer(m_reg, reg_cfg, [hook])}
-    times: dict[str, list[float]] = {"plain": [], "reg": []}
-    try:
-        for i in range(n):
-            idx, cids = batches[i % len(batches)]
-            x, pad = data.rows[idx].to(device), data.pad[idx].to(device)
-            pair = list(trainers.items())
-            for name, tr in (pair if i % 2 == 0 else pair[::-1]):
-                _sync(device)
-                t = time.perf_counter()
-                tr.step(x, pad, i, idx, cids)
-                _sync(device)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - t)
-    finally:
-        hook.close()
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    plain, reg = statistics.median(times["plain"]), statistics.median(times["reg"])
-    cost = {"regularizer": cfg.regularizer, "hparams": hparams(cfg), "step_ms_plain": 1e3 * plain,
-            "step_ms_regularized": 1e3 * reg, "extra_ms_per_step": 1e3 * (reg - plain),
-            "overhead_ratio": reg / plain, "timed_steps": steps, "device": str(device)}
-    log.info("%s: %.1f ms/step vs %.1f ms unregularized (x%.2f)", cfg.regularizer,
-             cost["step_ms_regularized"], cost["step_ms_plain"], cost["overhead_ratio"])
-    if path:
-        with open(path, "w") as f:
-            json.dump(cost, f, indent=1)
-    return cost
 
 
 def _read(run_dir: str, name: str) -> dict:

@@ -26,7 +26,7 @@ import math
 import torch
 
 from ...integrations.adapters import FAMILIES, _get, family_of
-from ...tinymem.training import TrainHook
+from .base import TrainHook
 
 _M32 = 0xFFFFFFFF
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...tinymem.training import TrainHook
+from .base import TrainHook
 
 
 class LossTruncation(TrainHook):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...integrations.adapters import FAMILIES, _get, family_of
-from ...tinymem.training import TrainHook
+from .base import TrainHook
 
 
 @dataclass
