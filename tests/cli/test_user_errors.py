@@ -18,7 +18,7 @@ from transformers import (
     GPTNeoXForCausalLM,
 )
 
-from tinymem_fast.eval.scoring import load_causal_lm
+from tinymem_fast.integrations.loading import load_causal_lm
 from tinymem_fast.tinymem.models import load_model
 
 

@@ -265,7 +265,7 @@ def test_scaled_logits_model_takes_the_model_logits_path():
 
 def test_device_map_model(tmp_path):
     pytest.importorskip("accelerate")
-    from tinymem_fast.eval.scoring import load_causal_lm
+    from tinymem_fast.integrations.loading import load_causal_lm
 
     model, _, _ = planted("gpt_neox")
     model.save_pretrained(tmp_path / "m")

@@ -10,6 +10,7 @@ import sys
 from .. import __version__
 from ..common import atomic
 from ..common.optional import MissingExtra
+from .score import add_scoring_args, cmd_score
 
 # What a user can cause (bad settings, missing files, a missing optional package, a backend asked for
 # that cannot run here); each command still catches what it can word better, this is the one path for
@@ -249,71 +250,6 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_checkpoints(args: argparse.Namespace) -> int:
-    from ..eval.checkpoints import expand_checkpoints, score_checkpoints, write_outputs
-    from ..eval.scoring import load_sequences, load_tokenizer, to_matrix
-
-    try:
-        cks = expand_checkpoints(([args.model] if args.model else []) + args.checkpoints)
-        tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        ids = to_matrix(load_sequences(args.input, tok), args.prefix_len + args.suffix_len)
-        records = score_checkpoints(cks, ids, args.prefix_len, args.suffix_len, dtype=args.dtype,
-                                    device=args.device, batch_size=args.batch_size, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tinymem score: {exc}", file=sys.stderr)
-        return 2
-    paths = write_outputs(records, args.out)
-    for r in records:
-        print(f"step {r['step']}: {r['n_exact']}/{r['n']} exact ({r['pct_exact']:.2f}%)")
-    print(f"results in {paths['jsonl']}, plot {paths['png']}")
-    return 0
-
-
-def _cmd_score(args: argparse.Namespace) -> int:
-    import logging
-    import os
-
-    from ..eval.scoring import run_command
-
-    logging.basicConfig(level=logging.WARNING)
-    if getattr(args, "checkpoints", None):
-        return _score_checkpoints(args)
-    if not args.model:
-        print(f"tinymem {args.command}: give a model folder (or --checkpoints DIR...)", file=sys.stderr)
-        return 2
-    rank0 = os.environ.get("RANK", "0") == "0"
-    try:
-        s = run_command(args, args.command)
-    except (ValueError, FileNotFoundError) as exc:
-        if rank0:
-            print(f"tinymem {args.command}: {exc}", file=sys.stderr)
-        return 2
-    if s is not None:
-        frac = f", mean fractional {s['mean_fractional']:.4f}" if "mean_fractional" in s else ""
-        print(f"{s['n_exact']}/{s['n']} exact ({s['pct_exact']:.2f}%){frac}; "
-              f"{s['sequences_per_s']:.1f} sequences/s on {s['device']}; results in {args.out}")
-    return 0
-
-
-def _add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
-    sp.add_argument("model", nargs="?", help="a local Hugging Face causal LM folder")
-    sp.add_argument("--input", required=True,
-                    help='token sequences: .jsonl ({"ids": [...]} or {"text": "..."} per line), '
-                         '.npy or .pt ([N, L] integers)')
-    sp.add_argument("--tokenizer", help="tokenizer folder for text lines (default: the model folder)")
-    sp.add_argument("--prefix-len", type=int, default=50, help="prompt tokens (default 50)")
-    sp.add_argument("--suffix-len", type=int, default=50, help="tokens to reproduce (default 50)")
-    sp.add_argument("--batch-size", type=int, default=64)
-    sp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    sp.add_argument("--device-map", help="shard the model with accelerate, e.g. auto")
-    sp.add_argument("--backend", choices=("torch", "cpp", "triton", "cuda"), help="kernel backend")
-    sp.add_argument("--out", default=out_default, help=f"output folder (default ./{out_default})")
-    sp.add_argument("--suppress-eos", action="store_true",
-                    help="never pick the model's EOS token, as the reference's min_length does (SPEC 4.5)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import logging
 
@@ -365,7 +301,8 @@ def _cmd_pythia(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from ..eval.scoring import ScoringInputError, load_sequences, to_matrix
+    from ..eval.inputs import load_sequences, to_matrix
+    from ..eval.scoring import ScoringInputError
     from ..experiments.pythia import PythiaConfig, run_protocol
     from ..experiments.unlearning import append_row
 
@@ -485,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     sc = sub.add_parser("score", help="per-example memorization of token sequences (torchrun for many ranks)")
-    _add_scoring_args(sc, "tinymem_scores")
+    add_scoring_args(sc, "tinymem_scores")
     sc.add_argument("--mode", choices=("exact", "fractional", "both"), default="exact",
                     help="exact: one teacher-forced pass; fractional: greedy decoding, matched/k; both")
     sc.add_argument("--verify", nargs="?", const="margin", default="none", choices=("none", "margin", "full"),
@@ -497,13 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--checkpoints", nargs="+", metavar="DIR",
                     help="score the input under each checkpoint (model folders, or a `tinymem train` run "
                          "folder for all of its checkpoints) and plot memorization over training")
-    sc.set_defaults(func=_cmd_score)
+    sc.set_defaults(func=cmd_score)
 
     ex = sub.add_parser("extract", help="greedy-decode the suffix of each sequence from its prefix")
-    _add_scoring_args(ex, "tinymem_extract")
+    add_scoring_args(ex, "tinymem_extract")
     ex.add_argument("--stop-on-mismatch", action="store_true",
                     help="stop decoding a row at its first wrong token (its later tokens are written as -1)")
-    ex.set_defaults(func=_cmd_score)
+    ex.set_defaults(func=cmd_score)
 
 
     py = sub.add_parser("pythia", parents=[quiet, device],

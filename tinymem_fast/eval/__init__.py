@@ -2,7 +2,8 @@
 inputs and outputs, torchrun sharding, scores across checkpoints."""
 
 from ..integrations.loading import ModelFolderError, load_causal_lm
-from .scoring import ExtractResult, ScoreResult, ScoringInputError, extract, load_sequences, score_exact
+from .inputs import load_sequences
+from .scoring import ExtractResult, ScoreResult, ScoringInputError, extract, score_exact
 
 __all__ = ["ExtractResult", "ModelFolderError", "ScoreResult", "ScoringInputError", "extract",
            "load_causal_lm", "load_sequences", "score_exact"]

@@ -48,8 +48,9 @@ def expand_checkpoints(paths: list[str]) -> list[tuple[int | None, str]]:
 def score_checkpoints(checkpoints: list[tuple[int | None, str]], ids: torch.Tensor, prefix_len: int,
                       suffix_len: int, *, dtype: str = "float32", device: str | None = None,
                       batch_size: int = 64, progress: bool = True) -> list[dict]:
+    from ..integrations.loading import load_causal_lm
     from ..ops.greedy import split_causal_lm
-    from .scoring import load_causal_lm, score_exact, validate_ids
+    from .scoring import score_exact, validate_ids
 
     records = []
     for step, path in tqdm(checkpoints, desc="checkpoints", disable=not progress):

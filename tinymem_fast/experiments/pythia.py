@@ -87,7 +87,8 @@ def run_protocol(model_dir: str, memorized: torch.Tensor, clean: torch.Tensor, m
     """Base statistics and one result row per method (each on a fresh load of the checkpoint)."""
     from .. import __version__
     from ..common.devices import device_name
-    from ..eval.scoring import ScoringInputError, load_causal_lm
+    from ..eval.scoring import ScoringInputError
+    from ..integrations.loading import load_causal_lm
     from ..methods import UnlearnInputs
     from ..methods.registry import get_unlearning_method as get_method
     from ..methods.registry import make_config

@@ -1,0 +1,130 @@
+"""Inputs of the scoring engine: token sequences from .jsonl (ids or text + tokenizer), .npy or .pt
+(``weights_only=True``), cut to a fixed window; tokenizer and EOS checks against the model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..integrations.loading import first_line as _first_line
+from .scoring import ScoringInputError, split_causal_lm
+
+
+def check_tokenizer(tokenizer, model, name: str = "the tokenizer") -> None:
+    """A tokenizer with more tokens than the model's vocabulary does not belong to it (a smaller one may:
+    checkpoints often pad their embedding matrix)."""
+    vocab = split_causal_lm(model).vocab_size
+    if len(tokenizer) > vocab:
+        raise ScoringInputError(f"tokenizer {name!r} has {len(tokenizer)} tokens but the model's vocabulary "
+                                f"has {vocab}: they do not belong together")
+
+
+def _line_ids(obj, lineno: int, path: str, tokenizer) -> list[int]:
+    where = f"{path}:{lineno}"
+    if not isinstance(obj, dict) or not (("ids" in obj) ^ ("text" in obj)):
+        raise ScoringInputError(f"{where}: expected an object with exactly one of \"ids\" or \"text\"")
+    if "ids" in obj:
+        seq = obj["ids"]
+        if not isinstance(seq, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
+            raise ScoringInputError(f"{where}: \"ids\" must be a list of integers")
+        bad = next((t for t in seq if not 0 <= t < 2**63), None)
+        if bad is not None:
+            raise ScoringInputError(f"{where}: token id {bad} is not a vocabulary index (0 <= id < 2**63)")
+        return seq
+    if not isinstance(obj["text"], str):
+        raise ScoringInputError(f"{where}: \"text\" must be a string")
+    if tokenizer is None:
+        raise ScoringInputError(f"{where}: a \"text\" line needs a tokenizer (--tokenizer DIR)")
+    # no BOS or other special tokens: the ids are the text's own tokens (SPEC 4.4)
+    return list(tokenizer(obj["text"], add_special_tokens=False)["input_ids"])
+
+
+def load_sequences(path: str, tokenizer=None) -> list[list[int]] | torch.Tensor:
+    """Token sequences from ``.jsonl`` (one ``{"ids": [...]}`` or ``{"text": "..."}`` per line; blank
+    lines skipped), ``.npy`` (an integer array ``[N, L]``) or ``.pt`` (an integer tensor ``[N, L]``, loaded
+    with ``weights_only=True``). Returns a tensor for array inputs, else a list of lists."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json"):
+        out = []
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ScoringInputError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ScoringInputError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                out.append(_line_ids(obj, lineno, path, tokenizer))
+        if not out:
+            raise ScoringInputError(f"{path}: empty input (no sequences)")
+        return out
+    if ext == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ScoringInputError(f"{path}: not a readable .npy array ({exc})") from None
+        if arr.dtype.kind not in "iu":
+            raise ScoringInputError(f"{path}: token ids must be an integer array, got dtype {arr.dtype}")
+        t = torch.from_numpy(arr.astype(np.int64))
+    elif ext == ".pt":
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types; all mean the same to the user
+            raise ScoringInputError(f"{path}: cannot load a tensor with weights_only=True "
+                                    f"({_first_line(exc)})") from None
+        if not isinstance(t, torch.Tensor):
+            raise ScoringInputError(f"{path}: expected a tensor of token ids, got {type(t).__name__}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ScoringInputError(f"{path}: token ids must be an integer tensor, got {t.dtype}")
+    else:
+        raise ScoringInputError(f"{path}: unknown input format {ext!r}; use .jsonl, .npy or .pt")
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.numel() == 0:
+        raise ScoringInputError(f"{path}: expected a non-empty [N, L] array of token ids, "
+                                f"got shape {tuple(t.shape)}")
+    return t.long()
+
+
+def to_matrix(seqs, need: int) -> torch.Tensor:
+    """Cut every sequence to its first ``need`` tokens and stack them into ``[N, need]``."""
+    if isinstance(seqs, torch.Tensor):
+        if seqs.shape[1] < need:
+            raise ScoringInputError(f"prefix_len + suffix_len = {need} is longer than the sequences "
+                                    f"({seqs.shape[1]} tokens)")
+        return seqs[:, :need]
+    if not seqs:
+        raise ScoringInputError("empty input (no sequences)")
+    for r, s in enumerate(seqs):
+        if len(s) < need:
+            raise ScoringInputError(f"sequence {r} has {len(s)} tokens, fewer than prefix_len + suffix_len = "
+                                    f"{need}")
+    return torch.tensor([s[:need] for s in seqs], dtype=torch.long)
+
+
+
+def eos_ids(model) -> list[int]:
+    """The model's EOS token ids (generation config first, then model config); [] when it has none."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
+        else model.config.vocab_size
+    bad = [e for e in ids if not 0 <= e < vocab]
+    if bad:
+        raise ScoringInputError(f"the model's EOS id {bad[0]} is outside its vocabulary of {vocab}: fix "
+                                "eos_token_id in config.json / generation_config.json, or no --suppress-eos")
+    return ids
