@@ -68,27 +68,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..tinymem.training import train_run
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = apply_overrides(get_preset(args.preset), args.set, args.config)
-        if args.regularizer:
-            cfg.train.regularizer = args.regularizer
-            cfg.train.validate()
-        if args.results and not (cfg.train.regularizer and args.baseline):
-            raise ValueError("--results writes a regularizer's result row: it needs --regularizer and "
-                             "--baseline (an unregularized run of the same preset)")
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tinymem train: {exc}", file=sys.stderr)
-        return 2
+    cfg = apply_overrides(get_preset(args.preset), args.set, args.config)
+    if args.regularizer:
+        cfg.train.regularizer = args.regularizer
+        cfg.train.validate()
+    if args.results and not (cfg.train.regularizer and args.baseline):
+        raise ValueError("--results writes a regularizer's result row: it needs --regularizer and "
+                         "--baseline (an unregularized run of the same preset)")
     if args.seed is not None:
         cfg.seed = args.seed
     if args.device:
         cfg.train.device = args.device
     out = args.out or os.path.join("runs", f"{args.preset}-seed{cfg.seed}")
-    try:
-        result = train_run(cfg, out, preset=args.preset, resume=not args.no_resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"tinymem train: {exc}", file=sys.stderr)
-        return 2
+    result = train_run(cfg, out, preset=args.preset, resume=not args.no_resume, progress=not args.quiet)
     keys = [k for k in ("avg_acc", "test/acc", "test/ppl_token", "mem", "avg_perc_mem", "asr") if k in result]
     print(f"done in {result['wall_s']:.0f} s: " + ", ".join(f"{k} {result[k]:.3f}" for k in keys))
     print(f"model: {os.path.join(out, 'final')}  metrics: {os.path.join(out, 'metrics.jsonl')}")
@@ -99,11 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from ..experiments.unlearning import append_row
         from ..methods.regularizers import regularizer_row
 
-        try:
-            row = regularizer_row(out, args.baseline)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"tinymem train: {exc}", file=sys.stderr)
-            return 2
+        row = regularizer_row(out, args.baseline)
         append_row(row, args.results)
         print(f"result row appended to {args.results}")
     return 0
@@ -116,12 +104,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from ..methods.finetune import FinetuneConfig, finetune
 
     logging.basicConfig(level=logging.WARNING)
-    try:
-        row = finetune(args.checkpoint, FinetuneConfig(data=args.data, epochs=args.epochs), args.out,
-                       device=args.device, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tinymem finetune: {exc}", file=sys.stderr)
-        return 2
+    row = finetune(args.checkpoint, FinetuneConfig(data=args.data, epochs=args.epochs), args.out,
+                   device=args.device, progress=not args.quiet)
     append_row(row, args.out)
     print(f"{row['method']}: {row['mem_metric']} {row['mem_before']:.2f}% -> {row['mem_after']:.2f}%, "
           f"utility change {100 * row['d_util']:+.2f}%, {row['time_method_s']:.1f} s; results in {args.out}")
@@ -206,27 +190,23 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     from ..tinymem.presets import apply_overrides, from_dict, get_preset
 
     logging.basicConfig(level=logging.WARNING)
-    try:
-        methods = _methods_arg(args.method)
-        run_dir = args.model
-        info_path = os.path.join(run_dir, "run.json")
-        model_path = os.path.join(run_dir, "final") if os.path.exists(info_path) else run_dir
-        if os.path.exists(info_path) and not args.preset:
-            with open(info_path) as f:
-                tree = json.load(f)["config"]
-            cfg = from_dict(tree, info_path)
-        else:
-            cfg = get_preset(args.preset or "quick")
-        cfg = apply_overrides(cfg, args.set)
-        hps = _method_hparams(methods, args.hp, args.quick_defaults)
-        for m in methods:  # every method's settings, before the first one runs
-            make_config(m, hps[m.name])
-        model = load_model(model_path, device=args.device or "cpu")
-        data = build(cfg.data, seed=cfg.seed, workdir=run_dir if os.path.exists(info_path) else None)
-        check_model_fits_data(model, data, model_path)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        print(f"tinymem unlearn: {exc}", file=sys.stderr)
-        return 2
+    methods = _methods_arg(args.method)
+    run_dir = args.model
+    info_path = os.path.join(run_dir, "run.json")
+    model_path = os.path.join(run_dir, "final") if os.path.exists(info_path) else run_dir
+    if os.path.exists(info_path) and not args.preset:
+        with open(info_path) as f:
+            tree = json.load(f)["config"]
+        cfg = from_dict(tree, info_path)
+    else:
+        cfg = get_preset(args.preset or "quick")
+    cfg = apply_overrides(cfg, args.set)
+    hps = _method_hparams(methods, args.hp, args.quick_defaults)
+    for m in methods:  # every method's settings, before the first one runs
+        make_config(m, hps[m.name])
+    model = load_model(model_path, device=args.device or "cpu")
+    data = build(cfg.data, seed=cfg.seed, workdir=run_dir if os.path.exists(info_path) else None)
+    check_model_fits_data(model, data, model_path)
     base = stats(model, data)           # shared by every method: each starts from a fresh copy
     forget = forget_set(model, data)
     for i, method in enumerate(methods):
@@ -256,13 +236,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from ..experiments.sweep import parse_shard, plan, run_sweep
 
     logging.basicConfig(level=logging.WARNING)
-    try:
-        methods = "all" if args.methods == "all" else [m for m in args.methods.split(",") if m.strip()]
-        runs = plan(args.models, methods, args.grid, args.seeds)
-        shard = parse_shard(args.shard)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tinymem sweep: {exc}", file=sys.stderr)
-        return 2
+    methods = "all" if args.methods == "all" else [m for m in args.methods.split(",") if m.strip()]
+    runs = plan(args.models, methods, args.grid, args.seeds)
+    shard = parse_shard(args.shard)
     if args.dry_run:
         for r in runs[shard[0]::shard[1]]:
             print(r.key, r.method, json.dumps(r.hp, default=str), f"seed={r.seed}")
@@ -284,15 +260,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from ..experiments.report import write_report
     from ..experiments.sweep import load_rows
 
-    try:
-        rows = [r for src in args.results for r in load_rows(src)]
-        out = args.out or (args.results[0] if os.path.isdir(args.results[0]) else
-                           os.path.dirname(os.path.abspath(args.results[0])))
-        paths = write_report(rows, os.path.join(out, "report") if out == args.results[0] else out,
-                             title=args.title, perp_cutoff=args.perp_cutoff, mem_cutoff=args.mem_cutoff)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"tinymem report: {exc}", file=sys.stderr)
-        return 2
+    rows = [r for src in args.results for r in load_rows(src)]
+    out = args.out or (args.results[0] if os.path.isdir(args.results[0]) else
+                       os.path.dirname(os.path.abspath(args.results[0])))
+    paths = write_report(rows, os.path.join(out, "report") if out == args.results[0] else out,
+                         title=args.title, perp_cutoff=args.perp_cutoff, mem_cutoff=args.mem_cutoff)
     print(f"{len(rows)} rows -> {paths['report.md']}, {paths['report.html']}")
     return 0
 
@@ -302,7 +274,6 @@ def _cmd_pythia(args: argparse.Namespace) -> int:
     import os
 
     from ..eval.inputs import load_sequences, to_matrix
-    from ..eval.scoring import ScoringInputError
     from ..experiments.pythia import PythiaConfig, run_protocol
     from ..experiments.unlearning import append_row
 
@@ -310,18 +281,14 @@ def _cmd_pythia(args: argparse.Namespace) -> int:
     cfg = PythiaConfig(prefix_len=args.prefix_len, suffix_len=args.suffix_len, dtype=args.dtype,
                        device=args.device, device_map=args.device_map, retain_size=args.retain_size,
                        batch_size=args.batch_size, seed=args.seed)
-    try:
-        methods = _methods_arg(args.methods)
-        hps = _method_hparams(methods, args.hp, False)
-        need = cfg.prefix_len + cfg.suffix_len
-        memorized = to_matrix(load_sequences(args.memorized), need)
-        clean_seqs = load_sequences(args.clean)
-        clean = to_matrix(clean_seqs, min(len(s) for s in clean_seqs))
-        base, rows = run_protocol(args.model, memorized, clean, [m.name for m in methods], hps, cfg,
-                                  progress=not args.quiet)
-    except (ValueError, FileNotFoundError, ScoringInputError) as exc:
-        print(f"tinymem pythia: {exc}", file=sys.stderr)
-        return 2
+    methods = _methods_arg(args.methods)
+    hps = _method_hparams(methods, args.hp, False)
+    need = cfg.prefix_len + cfg.suffix_len
+    memorized = to_matrix(load_sequences(args.memorized), need)
+    clean_seqs = load_sequences(args.clean)
+    clean = to_matrix(clean_seqs, min(len(s) for s in clean_seqs))
+    base, rows = run_protocol(args.model, memorized, clean, [m.name for m in methods], hps, cfg,
+                              progress=not args.quiet)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "base.json"), "w") as f:
         json.dump(base, f, indent=1)

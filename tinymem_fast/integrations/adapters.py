@@ -57,6 +57,11 @@ class MLPLayer:
         return {**self.inputs, self.output_name: self.output}
 
 
+
+class UnsupportedArchitecture(TypeError, ValueError):
+    """A model family without an MLP adapter here: a wrong argument type to the code, a bad input to a
+    command (the CLI reports it in one line)."""
+
 def _get(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -75,8 +80,8 @@ def family_of(model) -> str:
                 return name
         except (AttributeError, IndexError, TypeError):
             continue
-    raise TypeError(f"no MLP adapter for {type(model).__name__} (model_type {mt!r}); supported families: "
-                    "GPT-2, GPTNeoX/Pythia, Llama-style gated MLPs")
+    raise UnsupportedArchitecture(f"no MLP adapter for {type(model).__name__} (model_type {mt!r}); supported "
+                                  "families: GPT-2, GPTNeoX/Pythia, Llama-style gated MLPs")
 
 
 def mlp_layers(model) -> list[MLPLayer]:
