@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import torch
@@ -19,7 +20,33 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=SUITES, action="append", help="run only these suites")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
+    # the suites' knobs (each also readable from the environment variable in brackets, for pytest-benchmark)
+    k = p.add_argument_group("suite settings")
+    k.add_argument("--smoke", action="store_true",
+                   help="scoring, unlearning: tiny sizes, to check that the suites run [BENCH_SMOKE=1]")
+    k.add_argument("--small", action="store_true",
+                   help="memscore, masked_subnet (pytest): small shapes [BENCH_SMALL=1]")
+    k.add_argument("--quick-model", metavar="RUN_DIR",
+                   help="scoring, unlearning: a finished math run to reuse instead of training one "
+                        "[BENCH_QUICK_MODEL]")
+    k.add_argument("--language-model", metavar="RUN_DIR",
+                   help="scoring: a finished language run with a 50,257-row head [BENCH_LANGUAGE_MODEL]")
+    k.add_argument("--scoring-n", type=int, metavar="N", help="scoring: rows scored [BENCH_SCORING_N]")
+    k.add_argument("--scoring-batch", type=int, metavar="N", help="scoring: batch size [BENCH_SCORING_BATCH]")
+    k.add_argument("--layers", metavar="MODES",
+                   help="tinymem_quick: the layers experiments, comma-separated (1, epochs, language) "
+                        "[BENCH_LAYERS]")
+    k.add_argument("--unlearn-epochs", type=int, metavar="N",
+                   help="unlearning: BalancedSubnet epochs [BENCH_UNLEARN_EPOCHS]")
     args = p.parse_args(argv)
+    for flag, env in (("smoke", "BENCH_SMOKE"), ("small", "BENCH_SMALL")):
+        if getattr(args, flag):
+            os.environ[env] = "1"
+    for flag, env in (("quick_model", "BENCH_QUICK_MODEL"), ("language_model", "BENCH_LANGUAGE_MODEL"),
+                      ("scoring_n", "BENCH_SCORING_N"), ("scoring_batch", "BENCH_SCORING_BATCH"),
+                      ("layers", "BENCH_LAYERS"), ("unlearn_epochs", "BENCH_UNLEARN_EPOCHS")):
+        if getattr(args, flag) is not None:
+            os.environ[env] = str(getattr(args, flag))
     for name in args.only or SUITES:
         mod = importlib.import_module(f"bench.bench_{name}")
         print(f"== {name} on {args.device}", flush=True)
