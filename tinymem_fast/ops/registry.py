@@ -170,19 +170,20 @@ def backend_reasons(op: str, device: torch.device | str, *, backends: tuple[str,
     """Why each backend of ``op`` cannot run on ``device`` ('' where it can): the one question every op
     family asks before a call, and what ``tinymem info`` and the errors print."""
     device = torch.device(device)
-    out = {}
-    for b in BACKENDS:
-        if b not in backends:
-            out[b] = f"{op} has no {b} backend (it has {', '.join(backends)})"
-            continue
-        why = unavailable_reason(b, device)
-        if not why and b in ("cpp", "cuda"):
-            missing = [o for o in ext_ops if not ext_has(o)]
-            if missing:
-                why = (f"the compiled extension has no tinymem::{missing[0]} (stale build); rebuild with "
-                       "pip install --no-build-isolation -e .")
-        out[b] = why
-    return out
+    return {b: _reason(op, b, device, backends, ext_ops) for b in BACKENDS}
+
+
+def _reason(op: str, b: str, device: torch.device, backends: tuple[str, ...],
+            ext_ops: tuple[str, ...]) -> str:
+    if b not in backends:
+        return f"{op} has no {b} backend (it has {', '.join(backends)})"
+    why = unavailable_reason(b, device)
+    if not why and b in ("cpp", "cuda"):
+        missing = [o for o in ext_ops if not ext_has(o)]
+        if missing:
+            why = (f"the compiled extension has no tinymem::{missing[0]} (stale build); rebuild with "
+                   "pip install --no-build-isolation -e .")
+    return why
 
 
 def select(op: str, device: torch.device | str, backend: str | None = None, *,
@@ -207,16 +208,15 @@ def select(op: str, device: torch.device | str, backend: str | None = None, *,
                              f"choose one of {', '.join(BACKENDS)}")
         if from_env and requested not in backends:
             requested = None  # a process-wide choice says nothing about a family without that backend
-    reasons = backend_reasons(op, device, backends=backends, ext_ops=ext_ops)
-    if requested is not None:
-        if reasons[requested]:
-            raise BackendUnavailable(f"{op}: backend {requested!r} was requested but is unavailable: "
-                                     f"{reasons[requested]}")
+    if requested is not None:  # only the backends this call may take are asked (a call costs ~1-2 us)
+        why = _reason(op, requested, device, backends, ext_ops)
+        if why:
+            raise BackendUnavailable(f"{op}: backend {requested!r} was requested but is unavailable: {why}")
         return requested
     auto = DEFAULT_BY_DEVICE.get(device.type, "torch")
     if auto not in backends:
         return "torch"
-    why = reasons[auto]
+    why = _reason(op, auto, device, backends, ext_ops)
     if why:
         key = (auto, device.type)
         if key not in _warned:
