@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import platform
 
 import torch
@@ -97,3 +99,9 @@ def format_report(info: dict) -> str:
         for b, why in reasons.items():
             lines.append(f"    {fam}: {b} not used on the CPU: {why}")
     return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0

@@ -166,22 +166,3 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{s['n_exact']}/{s['n']} exact ({s['pct_exact']:.2f}%){frac}; "
               f"{s['sequences_per_s']:.1f} sequences/s on {s['device']}; results in {args.out}")
     return 0
-
-
-def add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
-    sp.add_argument("model", nargs="?", help="a local Hugging Face causal LM folder")
-    sp.add_argument("--input", required=True,
-                    help='token sequences: .jsonl ({"ids": [...]} or {"text": "..."} per line), '
-                         '.npy or .pt ([N, L] integers)')
-    sp.add_argument("--tokenizer", help="tokenizer folder for text lines (default: the model folder)")
-    sp.add_argument("--prefix-len", type=int, default=50, help="prompt tokens (default 50)")
-    sp.add_argument("--suffix-len", type=int, default=50, help="tokens to reproduce (default 50)")
-    sp.add_argument("--batch-size", type=int, default=64)
-    sp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    sp.add_argument("--device-map", help="shard the model with accelerate, e.g. auto")
-    sp.add_argument("--backend", choices=("torch", "cpp", "triton", "cuda"), help="kernel backend")
-    sp.add_argument("--out", default=out_default, help=f"output folder (default ./{out_default})")
-    sp.add_argument("--suppress-eos", action="store_true",
-                    help="never pick the model's EOS token, as the reference's min_length does (SPEC 4.5)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")

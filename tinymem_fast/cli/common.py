@@ -1,0 +1,106 @@
+"""What several commands share: the one user-error path, argument types, method lists and
+settings."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..common.optional import MissingExtra
+
+# What a user can cause (bad settings, missing files, a missing optional package, a backend asked for
+# that cannot run here); each command still catches what it can word better, this is the one path for
+# everything else.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               MissingExtra)
+
+
+def user_errors() -> tuple:
+    from ..ops.registry import BackendUnavailable
+
+    return (*USER_ERRORS, BackendUnavailable)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError | OSError) and exc.args and isinstance(exc.args[-1], str):
+        text = exc.args[-1] if not getattr(exc, "filename", None) else f"{exc.args[-1]}: {exc.filename}"
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_hp(items: list[str]) -> dict:
+    from ..common.validation import parse_like
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--hp expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = parse_like(v.strip(), None)
+    return out
+
+
+def methods_arg(text: str) -> list:
+    """Registered unlearning methods named by ``a,b,c`` or ``all`` (each once, in the order given)."""
+    from ..methods import method_names
+    from ..methods.registry import get_unlearning_method as get_method
+
+    names = method_names() if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    return list(dict.fromkeys(get_method(n) for n in names))
+
+
+def method_hparams(methods, items: list[str], quick_defaults: bool) -> dict[str, dict]:
+    """Per method, its hyperparameters: ``key=value`` goes to every listed method that has the setting,
+    ``method:key=value`` to that method only; a key no listed method knows is an error."""
+    import dataclasses
+
+    from ..experiments.demo import QUICK_METHODS
+    from ..methods import get_method
+
+    fields = {m.name: {f.name for f in dataclasses.fields(m.config_cls)} for m in methods}
+    out = {m.name: dict(QUICK_METHODS.get(m.name, {})) if quick_defaults else {} for m in methods}
+    for item in items:
+        head, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--hp expects key=value or method:key=value, got {item!r}")
+        scope, _, key = head.strip().rpartition(":")
+        parsed = parse_hp([f"{key}={value}"])
+        targets = [get_method(scope).name] if scope else [m.name for m in methods]
+        if scope and targets[0] not in out:
+            raise ValueError(f"--hp {item!r}: method {scope!r} is not among --method")
+        hit = [t for t in targets if key in fields[t]]
+        if not hit:
+            names = " / ".join(targets)
+            valid = sorted(set().union(*(fields[t] for t in targets)) - {"progress"})
+            raise ValueError(f"{names} has no setting {key!r}; valid: {', '.join(valid)}")
+        for t in hit:
+            out[t].update(parsed)
+    return out
+
+
+def add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
+    sp.add_argument("model", nargs="?", help="a local Hugging Face causal LM folder")
+    sp.add_argument("--input", required=True,
+                    help='token sequences: .jsonl ({"ids": [...]} or {"text": "..."} per line), '
+                         '.npy or .pt ([N, L] integers)')
+    sp.add_argument("--tokenizer", help="tokenizer folder for text lines (default: the model folder)")
+    sp.add_argument("--prefix-len", type=int, default=50, help="prompt tokens (default 50)")
+    sp.add_argument("--suffix-len", type=int, default=50, help="tokens to reproduce (default 50)")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    sp.add_argument("--device-map", help="shard the model with accelerate, e.g. auto")
+    sp.add_argument("--backend", choices=("torch", "cpp", "triton", "cuda"), help="kernel backend")
+    sp.add_argument("--out", default=out_default, help=f"output folder (default ./{out_default})")
+    sp.add_argument("--suppress-eos", action="store_true",
+                    help="never pick the model's EOS token, as the reference's min_length does (SPEC 4.5)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
