@@ -121,7 +121,7 @@ def test_an_error_on_rank_1_reaches_the_user(inputs, tmp_path):
 
 
 def test_ranks_with_different_inputs_are_refused(inputs, tmp_path):
-    torch.save(torch.load(inputs / "ids.pt")[:7], tmp_path / "fewer.pt")
+    torch.save(torch.load(inputs / "ids.pt", weights_only=True)[:7], tmp_path / "fewer.pt")
     res = _two_ranks([_score_args(inputs, tmp_path, inputs / "ids.pt"),
                       _score_args(inputs, tmp_path, tmp_path / "fewer.pt")], tmp_path)
     assert [rc for rc, _ in res] == [2, 2], res

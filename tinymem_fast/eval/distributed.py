@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..integrations.loading import first_line
+
 
 @dataclass
 class DistContext:
@@ -63,7 +65,7 @@ def agree_on_work(ctx: DistContext, failure: BaseException | None, work: torch.T
     that all ranks read the same examples. Otherwise every rank leaves the process group and raises
     ``error`` with one line naming the ranks (rank 0 is the one that prints it), instead of the ranks
     that succeeded waiting in a collective for the one that did not."""
-    mine = (None if failure is None else (str(failure).strip().splitlines() or [type(failure).__name__])[0],
+    mine = (None if failure is None else first_line(failure),
             None if work is None else (tuple(work.shape), hashlib.sha256(work.cpu().contiguous().numpy()
                                                                            .tobytes()).hexdigest()[:12]))
     everyone: list = [None] * ctx.world_size

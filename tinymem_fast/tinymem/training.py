@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..common import atomic
+from ..common.devices import sync
 from ..common.validation import at_least, check_device, parse_device
 from ..integrations.mixed_precision import autocast, check_precision
 from .memorization import memorization_stats
@@ -384,7 +385,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _claim_run_folder(out: str, config: dict, resume: bool) -> dict | None:
     """Make ``out`` this configuration's run folder before any work: with ``resume``, a folder that holds
     another configuration's run is refused in one line; without, the old run's outputs are removed.
-    Returns the old run.json (None if there was no run)."""
+    Returns the old run.json when the folder holds a run to resume (else None)."""
     path = os.path.join(out, "run.json")
     if not resume:
         for name in RUN_OUTPUTS:
@@ -408,7 +409,7 @@ def _claim_run_folder(out: str, config: dict, resume: bool) -> dict | None:
         raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc}): start over with --no-resume, "
                          "or choose another --out") from None
     if not has_run:
-        return old
+        return None  # a record without checkpoints or model: nothing to resume, nothing to protect
     new_cfg = _flat(config)
     changed = [k for k in sorted(set(old_cfg) | set(new_cfg))
                if k not in RESUMABLE and old_cfg.get(k, "<unset>") != new_cfg.get(k, "<unset>")]
@@ -431,8 +432,7 @@ def train_run(cfg, out: str, *, preset: str = "custom", resume: bool = True, pro
     old = _claim_run_folder(out, cfg.to_dict(), resume)
     data = build(cfg.data, seed=cfg.seed, workdir=out)
     fp = data.fingerprint()
-    if old is not None and old.get("data_fingerprint") not in (None, fp) and \
-            (list_checkpoints(out) or os.path.isdir(os.path.join(out, "final"))):
+    if old is not None and old.get("data_fingerprint") not in (None, fp):
         raise ValueError(f"{out} holds a run trained on other data (fingerprint "
                          f"{old['data_fingerprint'][:12]} vs {fp[:12]}: a changed corpus or tokenizer file): "
                          "start over with --no-resume, or choose another --out")
@@ -448,11 +448,6 @@ def train_run(cfg, out: str, *, preset: str = "custom", resume: bool = True, pro
 # --- what a regularizer costs per step ------------------------------------------------------------
 
 COST_FILE = "regularizer_cost.json"
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, steps: int = 8,
@@ -489,10 +484,10 @@ def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, s
             x, pad = data.rows[idx].to(device), data.pad[idx].to(device)
             pair = list(trainers.items())
             for name, tr in (pair if i % 2 == 0 else pair[::-1]):
-                _sync(device)
+                sync(device)
                 t = time.perf_counter()
                 tr.step(x, pad, i, idx, cids)
-                _sync(device)
+                sync(device)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t)
     finally:

@@ -10,16 +10,19 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from ...tinymem.regularizers import (  # noqa: F401 (the regularizers' public names, here too)
     ALIASES,
     REGULARIZERS,
+    SETTINGS,
     ExampleTiedDropout,
+    ExampleTiedDropoutConfig,
     LossTruncation,
+    LossTruncationConfig,
     SpectralNorm,
+    SpectralNormConfig,
     canonical_name,
     check_config,
     get_regularizer,
@@ -32,42 +35,6 @@ from ..registry import register
 log = logging.getLogger(__name__)
 
 # --- in the method registry: one settings dataclass each, run = a regularized training run ----------
-
-
-@dataclass
-class SpectralNormConfig:
-    spectral_lambda: float = 0.01
-    spectral_power: int = 1
-
-    def __post_init__(self):
-        if self.spectral_lambda < 0 or self.spectral_power not in (1, 2):
-            raise ValueError(f"spectral_norm needs spectral_lambda >= 0 and spectral_power in {{1, 2}}, got "
-                             f"{self.spectral_lambda}, {self.spectral_power}")
-
-
-@dataclass
-class LossTruncationConfig:
-    trunc_drop_frac: float = 0.4
-    trunc_buffer: int = 10000
-    trunc_min_count: int = 10000
-
-    def __post_init__(self):
-        if not 0 <= self.trunc_drop_frac < 1 or self.trunc_buffer < 1 or self.trunc_min_count < 0:
-            raise ValueError("loss_truncation needs 0 <= trunc_drop_frac < 1, trunc_buffer >= 1, "
-                             f"trunc_min_count >= 0, got {self.trunc_drop_frac}, {self.trunc_buffer}, "
-                             f"{self.trunc_min_count}")
-
-
-@dataclass
-class ExampleTiedDropoutConfig:
-    etd_p_fixed: float = 0.2
-    etd_p_mem: float = 0.1
-    etd_per_row_ids: bool = False
-
-    def __post_init__(self):
-        if not (0 < self.etd_p_fixed <= 1 and 0 <= self.etd_p_mem <= 1):
-            raise ValueError("example_tied_dropout needs 0 < etd_p_fixed <= 1 and 0 <= etd_p_mem <= 1, got "
-                             f"{self.etd_p_fixed}, {self.etd_p_mem}")
 
 
 def _run_regularized(name: str):
@@ -90,10 +57,9 @@ def _run_regularized(name: str):
     return run
 
 
-for _name, _cls, _aliases in (("spectral_norm", SpectralNormConfig, ("spectral_reg",)),
-                              ("loss_truncation", LossTruncationConfig, ("truncate_loss",)),
-                              ("example_tied_dropout", ExampleTiedDropoutConfig, ("example_tied", "etd"))):
-    register(_name, _cls, "regularizer", aliases=_aliases)(_run_regularized(_name))
+for _name, _settings in SETTINGS.items():
+    register(_name, _settings, "regularizer",
+             aliases=tuple(a for a, n in ALIASES.items() if n == _name))(_run_regularized(_name))
 
 
 def _read(run_dir: str, name: str) -> dict:

@@ -12,24 +12,67 @@ are registered in :mod:`tinymem_fast.methods.regularizers`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .base import TrainHook
 from .example_tied_dropout import ExampleTiedDropout
 from .loss_truncation import LossTruncation
 from .spectral_norm import SpectralNorm
 
-# name -> (factory, the TrainConfig fields it reads)
-REGULARIZERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "spectral_norm": (lambda model, c, seed: SpectralNorm(model, c.spectral_lambda, c.spectral_power, seed),
-                      ("spectral_lambda", "spectral_power")),
-    "loss_truncation": (lambda model, c, seed: LossTruncation(c.trunc_drop_frac, c.trunc_buffer,
-                                                              c.trunc_min_count),
-                        ("trunc_drop_frac", "trunc_buffer", "trunc_min_count")),
-    "example_tied_dropout": (lambda model, c, seed: ExampleTiedDropout(
+
+# The settings of each regularizer (TrainConfig fields of the same names hold them during a run); each
+# checks its own ranges.
+@dataclass
+class SpectralNormConfig:
+    spectral_lambda: float = 0.01
+    spectral_power: int = 1
+
+    def __post_init__(self):
+        if self.spectral_lambda < 0 or self.spectral_power not in (1, 2):
+            raise ValueError(f"spectral_norm needs spectral_lambda >= 0 and spectral_power in {{1, 2}}, got "
+                             f"{self.spectral_lambda}, {self.spectral_power}")
+
+
+@dataclass
+class LossTruncationConfig:
+    trunc_drop_frac: float = 0.4
+    trunc_buffer: int = 10000
+    trunc_min_count: int = 10000
+
+    def __post_init__(self):
+        if not 0 <= self.trunc_drop_frac < 1 or self.trunc_buffer < 1 or self.trunc_min_count < 0:
+            raise ValueError("loss_truncation needs 0 <= trunc_drop_frac < 1, trunc_buffer >= 1, "
+                             f"trunc_min_count >= 0, got {self.trunc_drop_frac}, {self.trunc_buffer}, "
+                             f"{self.trunc_min_count}")
+
+
+@dataclass
+class ExampleTiedDropoutConfig:
+    etd_p_fixed: float = 0.2
+    etd_p_mem: float = 0.1
+    etd_per_row_ids: bool = False
+
+    def __post_init__(self):
+        if not (0 < self.etd_p_fixed <= 1 and 0 <= self.etd_p_mem <= 1):
+            raise ValueError("example_tied_dropout needs 0 < etd_p_fixed <= 1 and 0 <= etd_p_mem <= 1, got "
+                             f"{self.etd_p_fixed}, {self.etd_p_mem}")
+
+
+SETTINGS: dict[str, type] = {"spectral_norm": SpectralNormConfig, "loss_truncation": LossTruncationConfig,
+                             "example_tied_dropout": ExampleTiedDropoutConfig}
+_FACTORIES: dict[str, Callable] = {
+    "spectral_norm": lambda model, c, seed: SpectralNorm(model, c.spectral_lambda, c.spectral_power, seed),
+    "loss_truncation": lambda model, c, seed: LossTruncation(c.trunc_drop_frac, c.trunc_buffer,
+                                                             c.trunc_min_count),
+    "example_tied_dropout": lambda model, c, seed: ExampleTiedDropout(
         model, c.etd_p_fixed, c.etd_p_mem, seed, c.etd_per_row_ids),
-                             ("etd_p_fixed", "etd_p_mem", "etd_per_row_ids")),
 }
+# name -> (factory, the TrainConfig fields it reads: its settings' fields)
+REGULARIZERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    name: (_FACTORIES[name], tuple(f.name for f in dataclasses.fields(cls)))
+    for name, cls in SETTINGS.items()}
 ALIASES = {"spectral_reg": "spectral_norm", "truncate_loss": "loss_truncation",
            "example_tied": "example_tied_dropout", "etd": "example_tied_dropout"}
 
@@ -50,26 +93,29 @@ def make_regularizer(name: str, model, cfg, seed: int = 0):
     return get_regularizer(name)(model, cfg, seed)
 
 
+def _settings_of(name: str, cfg):
+    """The regularizer's settings dataclass, filled from a TrainConfig (range-checked on construction)."""
+    cls = SETTINGS[name]
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
 def check_config(cfg) -> None:
     """Fail before training on a bad name or value (and store the canonical name)."""
     cfg.regularizer = canonical_name(cfg.regularizer)
     bad = []
-    if cfg.spectral_lambda < 0 or cfg.spectral_power not in (1, 2):
-        bad.append(f"spectral_lambda >= 0 and spectral_power in {{1, 2}} (got {cfg.spectral_lambda}, "
-                   f"{cfg.spectral_power})")
-    if not 0 <= cfg.trunc_drop_frac < 1 or cfg.trunc_buffer < 1 or cfg.trunc_min_count < 0:
-        bad.append(f"0 <= trunc_drop_frac < 1, trunc_buffer >= 1, trunc_min_count >= 0 (got "
-                   f"{cfg.trunc_drop_frac}, {cfg.trunc_buffer}, {cfg.trunc_min_count})")
-    if not (0 < cfg.etd_p_fixed <= 1 and 0 <= cfg.etd_p_mem <= 1):
-        bad.append(f"0 < etd_p_fixed <= 1 and 0 <= etd_p_mem <= 1 (got {cfg.etd_p_fixed}, {cfg.etd_p_mem})")
+    for name in SETTINGS:
+        try:
+            _settings_of(name, cfg)
+        except ValueError as exc:
+            bad.append(str(exc))
     if bad:
-        raise ValueError("regularizer settings out of range: need " + "; ".join(bad))
+        raise ValueError("regularizer settings out of range: " + "; ".join(bad))
 
 
 def hparams(cfg) -> dict:
-    name = canonical_name(cfg.regularizer)
-    return {k: getattr(cfg, k) for k in REGULARIZERS[name][1]}
+    return dataclasses.asdict(_settings_of(canonical_name(cfg.regularizer), cfg))
 
 
-__all__ = ["ALIASES", "REGULARIZERS", "ExampleTiedDropout", "LossTruncation", "SpectralNorm", "TrainHook",
+__all__ = ["ALIASES", "REGULARIZERS", "ExampleTiedDropout", "ExampleTiedDropoutConfig", "LossTruncation",
+           "LossTruncationConfig", "SpectralNorm", "SpectralNormConfig", "TrainHook",
            "canonical_name", "check_config", "get_regularizer", "hparams", "make_regularizer"]
