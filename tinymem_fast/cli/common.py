@@ -4,6 +4,8 @@ settings."""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 from ..common.optional import MissingExtra
 
@@ -25,6 +27,22 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError | OSError) and exc.args and isinstance(exc.args[-1], str):
         text = exc.args[-1] if not getattr(exc, "filename", None) else f"{exc.args[-1]}: {exc.filename}"
     return (text.splitlines() or [type(exc).__name__])[0]
+
+
+def log_to_stderr(level: int = logging.WARNING, fmt: str = "%(levelname)s:%(name)s:%(message)s") -> None:
+    """Show the library's own log records on stderr. Only the ``tinymem_fast`` logger gets a handler:
+    a root handler would print every third-party record a second time wherever that library lets its
+    records propagate (transformers does when ``CI`` is set), breaking the one-line error promise."""
+    log = logging.getLogger("tinymem_fast")
+    for h in list(log.handlers):
+        if getattr(h, "_tinymem_cli", False):
+            log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._tinymem_cli = True
+    handler.setFormatter(logging.Formatter(fmt))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
 
 
 def positive_int(text: str) -> int:

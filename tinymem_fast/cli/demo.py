@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from .common import log_to_stderr
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import logging
-
     from ..experiments.demo import run_demo
 
-    logging.basicConfig(level=logging.WARNING)
+    log_to_stderr()
     run_demo(args.out, retrain=args.retrain, progress=not args.quiet)
     return 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from .common import log_to_stderr
+
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import logging
-
     from ..experiments.unlearning import append_row
     from ..methods.finetune import FinetuneConfig, finetune
 
-    logging.basicConfig(level=logging.WARNING)
+    log_to_stderr()
     row = finetune(args.checkpoint, FinetuneConfig(data=args.data, epochs=args.epochs), args.out,
                    device=args.device, progress=not args.quiet)
     append_row(row, args.out)

@@ -6,17 +6,15 @@ import argparse
 import json
 import os
 
-from .common import method_hparams, methods_arg
+from .common import log_to_stderr, method_hparams, methods_arg
 
 
 def cmd_pythia(args: argparse.Namespace) -> int:
-    import logging
-
     from ..eval.inputs import load_sequences, to_matrix
     from ..experiments.pythia import PythiaConfig, run_protocol
     from ..experiments.unlearning import append_row
 
-    logging.basicConfig(level=logging.WARNING)
+    log_to_stderr()
     cfg = PythiaConfig(prefix_len=args.prefix_len, suffix_len=args.suffix_len, dtype=args.dtype,
                        device=args.device, device_map=args.device_map, retain_size=args.retain_size,
                        batch_size=args.batch_size, seed=args.seed)

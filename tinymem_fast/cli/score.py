@@ -15,6 +15,7 @@ from ..eval import distributed as dist_
 from ..eval.inputs import check_tokenizer, eos_ids, load_sequences, to_matrix
 from ..eval.scoring import ScoringInputError, score_for_mode, split_causal_lm, validate_ids
 from ..integrations.loading import has_tokenizer, load_causal_lm, load_tokenizer
+from .common import log_to_stderr
 
 
 def run_command(args, command: str) -> dict | None:
@@ -145,10 +146,7 @@ def score_checkpoints_command(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import logging
-
-
-    logging.basicConfig(level=logging.WARNING)
+    log_to_stderr()
     if getattr(args, "checkpoints", None):
         return score_checkpoints_command(args)
     if not args.model:

@@ -7,13 +7,13 @@ import json
 import os
 import sys
 
+from .common import log_to_stderr
+
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import logging
-
     from ..experiments.sweep import parse_shard, plan, run_sweep
 
-    logging.basicConfig(level=logging.WARNING)
+    log_to_stderr()
     methods = "all" if args.methods == "all" else [m for m in args.methods.split(",") if m.strip()]
     runs = plan(args.models, methods, args.grid, args.seeds)
     shard = parse_shard(args.shard)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .common import log_to_stderr
+
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from ..tinymem.presets import ALIASES, PRESETS, get_preset
@@ -22,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..tinymem.presets import apply_overrides, get_preset
     from ..tinymem.training import train_run
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_stderr(logging.INFO, "%(message)s")
     cfg = apply_overrides(get_preset(args.preset), args.set, args.config)
     if args.regularizer:
         cfg.train.regularizer = args.regularizer

@@ -7,12 +7,10 @@ import json
 import os
 import sys
 
-from .common import method_hparams, methods_arg
+from .common import log_to_stderr, method_hparams, methods_arg
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    import logging
-
     from ..experiments.unlearning import (
         NothingMemorized,
         append_row,
@@ -26,7 +24,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from ..tinymem.models import load_model, save_model
     from ..tinymem.presets import apply_overrides, from_dict, get_preset
 
-    logging.basicConfig(level=logging.WARNING)
+    log_to_stderr()
     methods = methods_arg(args.method)
     run_dir = args.model
     info_path = os.path.join(run_dir, "run.json")
