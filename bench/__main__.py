@@ -11,13 +11,25 @@ import torch
 
 from bench.harness import save
 
-SUITES = ["masked_subnet", "training", "unlearning", "tinymem_quick", "unlearning_quick", "method_baselines",
-          "methods_quick", "scoring", "regularizers", "memscore"]
+# suite -> module, by kind: kernel micro-benchmarks, pipeline timings, the paper's experiments at quick scale
+SUITES = {
+    "masked_subnet": "bench.kernels.masked_subnet",
+    "memscore": "bench.kernels.memscore",
+    "causal_attention": "bench.kernels.causal_attention",
+    "training": "bench.pipelines.training",
+    "scoring": "bench.pipelines.scoring",
+    "regularizers": "bench.pipelines.regularizers",
+    "unlearning": "bench.pipelines.unlearning",
+    "tinymem_quick": "bench.experiments.tinymem_quick",
+    "unlearning_quick": "bench.experiments.unlearning_quick",
+    "method_baselines": "bench.experiments.method_baselines",
+    "methods_quick": "bench.experiments.methods_quick",
+}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--only", choices=SUITES, action="append", help="run only these suites")
+    p.add_argument("--only", choices=list(SUITES), action="append", help="run only these suites")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     # the suites' knobs (each also readable from the environment variable in brackets, for pytest-benchmark)
@@ -48,7 +60,7 @@ def main(argv=None) -> int:
         if getattr(args, flag) is not None:
             os.environ[env] = str(getattr(args, flag))
     for name in args.only or SUITES:
-        mod = importlib.import_module(f"bench.bench_{name}")
+        mod = importlib.import_module(SUITES[name])
         print(f"== {name} on {args.device}", flush=True)
         rows = mod.run(args.device, args.repeats)
         for r in rows:

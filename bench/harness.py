@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -55,7 +56,6 @@ def cpu_peak_mib(fn) -> float | None:
     """Growth of the process's peak resident memory while ``fn`` runs, in MiB (Linux: the peak is reset
     through /proc/self/clear_refs first). None where that is not available. Counts every allocation,
     whatever the allocator, but also anything else the process touches meanwhile: run it alone."""
-    import re
 
     def field(name):
         with open("/proc/self/status") as f:
@@ -93,13 +93,7 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def machine_key(device: str) -> str:
-    if device.startswith("cuda"):
-        return "gpu-" + torch.cuda.get_device_name(0).replace(" ", "_")
-    return f"cpu-{os.cpu_count()}cores"
-
-
-def machine_description(device: str) -> dict:
+def cpu_model() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -108,6 +102,21 @@ def machine_description(device: str) -> dict:
                 cpu = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
+    return cpu
+
+
+def machine_key(device: str) -> str:
+    """One results file per machine kind: CPUs of other vendors or families at the same core count are
+    different machines (their figures are not comparable), so the model goes into the name."""
+    if device.startswith("cuda"):
+        return "gpu-" + torch.cuda.get_device_name(0).replace(" ", "_")
+    words = re.sub(r"\(R\)|\(TM\)|CPU|Processor|\d+-Core", " ", cpu_model()).split()
+    family = "_".join(w.lower() for w in words[:2]) or "unknown"
+    return f"cpu-{family}-{os.cpu_count()}cores"
+
+
+def machine_description(device: str) -> dict:
+    cpu = cpu_model()
     try:
         import triton
 

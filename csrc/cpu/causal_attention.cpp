@@ -79,23 +79,11 @@ namespace {
 // ---------------------------------------------------------------------------------------------------
 // portable scalar engine (any CPU)
 namespace isa_generic {
-struct Isa {
+#define TINYMEM_SIMD_WIDTH 1
+#include "simd_ops.inc"
+struct Isa : VecOps {
   static constexpr int64_t L = 1;
   static constexpr int NT_R = 4, NT_NC = 4, MM_ACC = 16, MM_MAXV = 4, MM_MAXR = 8;
-  using V = float;
-  static constexpr bool kTranspose8 = false;
-  static inline void transpose8(const float*, int64_t, float*, int64_t) {}
-  static inline V zero() { return 0.f; }
-  static inline V load(const float* p) { return *p; }
-  static inline void store(float* p, V v) { *p = v; }
-  static inline V bcast(float x) { return x; }
-  static inline V fma(V a, V b, V c) { return a * b + c; }
-  static inline V mul(V a, V b) { return a * b; }
-  static inline V add(V a, V b) { return a + b; }
-  static inline V sub(V a, V b) { return a - b; }
-  static inline V max(V a, V b) { return a > b ? a : b; }
-  static inline float hmax(V v) { return v; }
-  static inline float hsum(V v) { return v; }
   static inline V keep_first(V x, int64_t n, V fill) { return n >= 1 ? x : fill; }
   static inline V exp2(V x) { return std::exp2(x); }
   static void row_in_f32(const float* s, float* d, int64_t n, int64_t np) {
@@ -130,53 +118,12 @@ struct Isa {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
-struct Isa {
+#define TINYMEM_SIMD_WIDTH 8
+#include "simd_ops.inc"
+struct Isa : VecOps {
   static constexpr int64_t L = 8;
   // 16 ymm registers: 12 accumulators + loaded vectors + a broadcast
   static constexpr int NT_R = 4, NT_NC = 3, MM_ACC = 12, MM_MAXV = 3, MM_MAXR = 12;
-  using V = __m256;
-  static constexpr bool kTranspose8 = true;
-  // dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block: pairs, then quads within 128-bit lanes, then
-  // the lane halves
-  static inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-    __m256 r[8], t[8], u[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int c = 0; c < 4; ++c) {
-      _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x20));
-      _mm256_storeu_ps(dst + (c + 4) * ldd, _mm256_permute2f128_ps(u[c], u[c + 4], 0x31));
-    }
-  }
-  static inline V zero() { return _mm256_setzero_ps(); }
-  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static inline V bcast(float x) { return _mm256_set1_ps(x); }
-  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static inline float hmax(V v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
-  static inline float hsum(V v) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
   static inline V keep_first(V x, int64_t n, V fill) {
     if (n >= L) return x;
     const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
@@ -247,27 +194,12 @@ struct Isa {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
 namespace isa_avx512 {
-struct Isa {
+#define TINYMEM_SIMD_WIDTH 16
+#include "simd_ops.inc"
+struct Isa : VecOps {
   static constexpr int64_t L = 16;
   // 32 zmm registers: 24 accumulators + up to 4 loaded vectors + a broadcast
   static constexpr int NT_R = 6, NT_NC = 4, MM_ACC = 24, MM_MAXV = 4, MM_MAXR = 12;
-  using V = __m512;
-  static constexpr bool kTranspose8 = true;
-  // the 8 x 8 float block is a 256-bit job either way
-  static inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
-    isa_avx2::Isa::transpose8(src, lds, dst, ldd);
-  }
-  static inline V zero() { return _mm512_setzero_ps(); }
-  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static inline V bcast(float x) { return _mm512_set1_ps(x); }
-  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static inline float hmax(V v) { return _mm512_reduce_max_ps(v); }
-  static inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static inline V keep_first(V x, int64_t n, V fill) {
     const __mmask16 keep = n >= L ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
     return _mm512_mask_blend_ps(keep, fill, x);

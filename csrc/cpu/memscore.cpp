@@ -38,22 +38,11 @@ inline float round_bf16_scalar(float x) { return u2f(float_bits::bf16_bits(x) <<
 // ---------------------------------------------------------------------------------------------------
 // portable scalar engine (any CPU)
 namespace isa_generic {
-struct Isa {
+#define TINYMEM_SIMD_WIDTH 1
+#include "simd_ops.inc"
+struct Isa : VecOps {
   static constexpr int L = 1, R = 4, NV = 8;
-  static constexpr bool kHasTranspose8 = false;
-  static inline void transpose8(const float* const*, int64_t, float*, int64_t) {}
-  using V = float;
-  static inline V zero() { return 0.f; }
-  static inline V load(const float* p) { return *p; }
-  static inline void store(float* p, V v) { *p = v; }
-  static inline V bcast(float x) { return x; }
-  static inline V fma(V a, V b, V c) { return a * b + c; }  // baseline x86-64 has no FMA: never fused
   static inline float sfma(float a, float b, float c) { return a * b + c; }
-  static inline V add(V a, V b) { return a + b; }
-  static inline V sub(V a, V b) { return a - b; }
-  static inline V max(V a, V b) { return a > b ? a : b; }
-  static inline float hmax(V v) { return v; }
-  static inline float hsum(V v) { return v; }
   static inline int first_eq(const float* p, float m) { return *p == m ? 0 : -1; }
   static inline V exp(V x) { return std::exp(x); }
   static inline float round1(float x, int rnd) {
@@ -84,55 +73,11 @@ struct Isa {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 namespace isa_avx2 {
-struct Isa {
+#define TINYMEM_SIMD_WIDTH 8
+#include "simd_ops.inc"
+struct Isa : VecOps {
   static constexpr int L = 8, R = 6, NV = 2;  // 12 accumulators + 2 panel vectors + 1 broadcast
-
-  // out[i * ld + j] = rows[j][k0 + i] for an 8 x 8 block (8 vocab rows -> 8 panel lines)
-  static constexpr bool kHasTranspose8 = true;
-  static inline void transpose8(const float* const* rows, int64_t k0, float* out, int64_t ld) {
-    const __m256 r0 = _mm256_loadu_ps(rows[0] + k0), r1 = _mm256_loadu_ps(rows[1] + k0);
-    const __m256 r2 = _mm256_loadu_ps(rows[2] + k0), r3 = _mm256_loadu_ps(rows[3] + k0);
-    const __m256 r4 = _mm256_loadu_ps(rows[4] + k0), r5 = _mm256_loadu_ps(rows[5] + k0);
-    const __m256 r6 = _mm256_loadu_ps(rows[6] + k0), r7 = _mm256_loadu_ps(rows[7] + k0);
-    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    _mm256_storeu_ps(out + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(out + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(out + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(out + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(out + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(out + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(out + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(out + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
-  }
-  using V = __m256;
-  static inline V zero() { return _mm256_setzero_ps(); }
-  static inline V load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static inline V bcast(float x) { return _mm256_set1_ps(x); }
-  static inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static inline float sfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
-  static inline V add(V a, V b) { return _mm256_add_ps(a, b); }
-  static inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  static inline V max(V a, V b) { return _mm256_max_ps(a, b); }
-  static inline float hmax(V v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
-  static inline float hsum(V v) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
   static inline int first_eq(const float* p, float m) {
     const int k = _mm256_movemask_ps(_mm256_cmp_ps(load(p), bcast(m), _CMP_EQ_OQ));
     return k ? __builtin_ctz(k) : -1;
@@ -190,45 +135,11 @@ struct Isa {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c,bmi,bmi2")
 namespace isa_avx512 {
-struct Isa {
+#define TINYMEM_SIMD_WIDTH 16
+#include "simd_ops.inc"
+struct Isa : VecOps {
   static constexpr int L = 16, R = 12, NV = 2;  // 24 accumulators + 2 panel vectors + 1 broadcast
-
-  // out[i * ld + j] = rows[j][k0 + i] for an 8 x 8 block (8 vocab rows -> 8 panel lines)
-  static constexpr bool kHasTranspose8 = true;
-  static inline void transpose8(const float* const* rows, int64_t k0, float* out, int64_t ld) {
-    const __m256 r0 = _mm256_loadu_ps(rows[0] + k0), r1 = _mm256_loadu_ps(rows[1] + k0);
-    const __m256 r2 = _mm256_loadu_ps(rows[2] + k0), r3 = _mm256_loadu_ps(rows[3] + k0);
-    const __m256 r4 = _mm256_loadu_ps(rows[4] + k0), r5 = _mm256_loadu_ps(rows[5] + k0);
-    const __m256 r6 = _mm256_loadu_ps(rows[6] + k0), r7 = _mm256_loadu_ps(rows[7] + k0);
-    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    _mm256_storeu_ps(out + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(out + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(out + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(out + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(out + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(out + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(out + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(out + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
-  }
-  using V = __m512;
-  static inline V zero() { return _mm512_setzero_ps(); }
-  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static inline V bcast(float x) { return _mm512_set1_ps(x); }
-  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float sfma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
-  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-  static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-  static inline V max(V a, V b) { return _mm512_max_ps(a, b); }
-  static inline float hmax(V v) { return _mm512_reduce_max_ps(v); }
-  static inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static inline int first_eq(const float* p, float m) {
     const __mmask16 k = _mm512_cmp_ps_mask(load(p), bcast(m), _CMP_EQ_OQ);
     return k ? __builtin_ctz(static_cast<unsigned>(k)) : -1;

@@ -17,6 +17,7 @@ from tinymem_fast.methods.regularizers import (
     REGULARIZERS,
     ExampleTiedDropout,
     LossTruncation,
+    RegularizerConfig,
     SpectralNorm,
     get_regularizer,
 )
@@ -25,6 +26,7 @@ from tinymem_fast.tinymem.models import ModelConfig
 from tinymem_fast.tinymem.training import TrainConfig, Trainer, build_model_for, token_loss, train
 
 ARCHS = ["gpt2", "gpt_neox", "llama"]
+SETTINGS_NAMES = ["spectral_norm", "loss_truncation", "example_tied_dropout"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -345,7 +347,7 @@ def test_example_tied_dropout_ids_and_errors():
 def test_regularized_step_runs_on_hf_families(arch, name):
     model = tsu.tiny(arch)
     cfg = TrainConfig(batch_size=4)
-    hook = get_regularizer(name)(model, cfg, 0)
+    hook = get_regularizer(name)(model, None, 0)
     trainer = Trainer(model, cfg, [hook])
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randint(0, tsu.V, (4, 12))
@@ -371,11 +373,12 @@ def tiny_data():
 @pytest.mark.parametrize("name", sorted(REGULARIZERS))
 def test_resume_with_regularizer_is_exact(tmp_path, tiny_data, name):
     def run(out, steps):
-        cfg = TrainConfig(batch_size=16, max_steps=steps, ckpt_every=6, eval_every=100, eval_batch_size=128,
-                          regularizer=name, trunc_buffer=40, trunc_min_count=40, spectral_lambda=0.5,
-                          reg_timing_steps=0)
+        cfg = TrainConfig(batch_size=16, max_steps=steps, ckpt_every=6, eval_every=100, eval_batch_size=128)
+        reg = RegularizerConfig(name=name, timing_steps=0)
+        reg.loss_truncation.trunc_buffer = reg.loss_truncation.trunc_min_count = 40
+        reg.spectral_norm.spectral_lambda = 0.5
         model = build_model_for(tiny_data, ModelConfig(**TINY_MODEL), seed=0)
-        train(model, tiny_data, cfg, str(out), seed=0, progress=False)
+        train(model, tiny_data, cfg, str(out), seed=0, progress=False, regularizer=reg)
         return model
 
     ref = run(tmp_path / "ref", 12)
@@ -397,8 +400,8 @@ def test_resume_with_regularizer_is_exact(tmp_path, tiny_data, name):
 
 SETS = [f"data.{k}={v}" for k, v in TINY_DATA.items() if k not in ("kind", "artifact")] + \
        [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + \
-       ["train.batch_size=32", "train.max_steps=12", "train.eval_batch_size=128", "train.trunc_buffer=64",
-        "train.trunc_min_count=64"]
+       ["train.batch_size=32", "train.max_steps=12", "train.eval_batch_size=128",
+        "regularizer.loss_truncation.trunc_buffer=64", "regularizer.loss_truncation.trunc_min_count=64"]
 
 
 def _train(out, *extra):
@@ -425,7 +428,7 @@ def test_cli_trains_with_regularizer_and_writes_row(baseline, tmp_path, name):
     cost = final["regularizer_cost"]
     assert cost["regularizer"] == name and cost["step_ms_plain"] > 0 and cost["overhead_ratio"] > 0
     info = json.loads((tmp_path / name / "run.json").read_text())
-    assert info["config"]["train"]["regularizer"] == name
+    assert info["config"]["regularizer"]["name"] == name and "regularizer" not in info["config"]["train"]
     (row,) = [json.loads(x) for x in (res / "results.jsonl").read_text().splitlines()]
     base = json.loads((baseline / "final_metrics.json").read_text())
     assert row["method"] == name and row["category"] == "regularizer" and row["time_method_s"] > 0
@@ -448,14 +451,43 @@ def test_cli_regularizer_bad_input(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sets,msg", [
-    (["train.regularizer=example_tied_dropout", "train.etd_p_fixed=0"], "out of range"),
-    (["train.regularizer=spectral_norm", "train.spectral_power=3"], "out of range"),
-    (["train.regularizer=loss_truncation", "train.trunc_drop_frac=1"], "out of range"),
+    (["regularizer.name=etd", "regularizer.example_tied_dropout.etd_p_fixed=0"], "out of range"),
+    (["regularizer.name=spectral_norm", "regularizer.spectral_norm.spectral_power=3"], "out of range"),
+    (["regularizer.loss_truncation.trunc_drop_frac=1"], "out of range"),
+    (["regularizer.timing_steps=-1"], "timing_steps"),
+    (["regularizer.name=dropconnect"], "unknown regularizer"),
 ])
 def test_regularizer_settings_are_checked_early(sets, msg):
     from tinymem_fast.tinymem.presets import apply_overrides, get_preset
 
     with pytest.raises(ValueError, match=msg):
         apply_overrides(get_preset("quick"), sets)
-    cfg = apply_overrides(get_preset("quick"), ["train.regularizer=spectral_reg"])
-    assert cfg.train.regularizer == "spectral_norm"         # reference names accepted
+    cfg = apply_overrides(get_preset("quick"), ["regularizer.name=spectral_reg"])
+    assert cfg.regularizer.name == "spectral_norm"         # reference names accepted
+
+
+def test_regularizer_settings_left_train_but_old_spellings_still_read(tmp_path):
+    """Settings that used to be TrainConfig fields: gone from it, yet a run.json or --set written with
+    the old keys lands in the regularizer section (and resumes as the same configuration)."""
+    import dataclasses
+
+    from tinymem_fast.tinymem.presets import apply_overrides, from_dict, get_preset
+    from tinymem_fast.tinymem.regularizers import MOVED
+    from tinymem_fast.tinymem.training import _claim_run_folder
+
+    assert not {f.name for f in dataclasses.fields(TrainConfig)} & {k.split(".")[1] for k in MOVED}
+    cfg = apply_overrides(get_preset("quick"), ["train.regularizer=truncate_loss",
+                                                "train.trunc_drop_frac=0.2", "train.reg_timing_steps=0"])
+    assert (cfg.regularizer.name, cfg.regularizer.loss_truncation.trunc_drop_frac,
+            cfg.regularizer.timing_steps) == ("loss_truncation", 0.2, 0)
+    new = cfg.to_dict()
+    old = {**new, "train": {**new["train"], "regularizer": "loss_truncation", "reg_timing_steps": 0,
+                            **{f: v for r in SETTINGS_NAMES for f, v in new["regularizer"][r].items()}}}
+    del old["regularizer"]
+    assert from_dict(old).to_dict() == new
+    (tmp_path / "final").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps({"config": old}))
+    assert _claim_run_folder(str(tmp_path), new, resume=True) is not None   # same run: resumable
+    changed = {**new, "regularizer": {**new["regularizer"], "name": "spectral_norm"}}
+    with pytest.raises(ValueError, match="another configuration"):
+        _claim_run_folder(str(tmp_path), changed, resume=True)

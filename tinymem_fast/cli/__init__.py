@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     tr.add_argument("--regularizer", help="spectral_norm, loss_truncation or example_tied_dropout "
-                    "(hyperparameters: --set train.spectral_lambda=... etc.)")
+                    "(settings: --set regularizer.spectral_norm.spectral_lambda=... etc.)")
     tr.add_argument("--baseline", help="with --results: the unregularized run to compare against")
     tr.add_argument("--results", help="append the regularizer's result row to this folder")
     tr.set_defaults(func=_command("train", "cmd_train"))

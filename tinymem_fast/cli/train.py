@@ -27,9 +27,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     log_to_stderr(logging.INFO, "%(message)s")
     cfg = apply_overrides(get_preset(args.preset), args.set, args.config)
     if args.regularizer:
-        cfg.train.regularizer = args.regularizer
-        cfg.train.validate()
-    if args.results and not (cfg.train.regularizer and args.baseline):
+        cfg.regularizer.name = args.regularizer
+        cfg.regularizer.validate()
+    if args.results and not (cfg.regularizer.name and args.baseline):
         raise ValueError("--results writes a regularizer's result row: it needs --regularizer and "
                          "--baseline (an unregularized run of the same preset)")
     if args.seed is not None:

@@ -75,22 +75,39 @@ def folder(path: str) -> Iterator[str]:
 
 def writable_folder(path: str, what: str = "--out") -> str:
     """Prove a file can be written in folder ``path`` before any work whose results would go there;
-    raises ValueError in one line otherwise. Folders created for the proof are removed again, so a run
-    that then fails on its input leaves nothing behind."""
-    top = os.path.abspath(path)  # the highest folder that does not exist yet
+    raises ValueError in one line otherwise. Folders created for the proof are removed again when still
+    empty, so a run that then fails on its input leaves nothing behind. Several processes may prove the
+    same folder at once (torchrun ranks): one's clean-up can remove the folder under another's probe,
+    which then simply tries again."""
+    path_abs = os.path.abspath(path)
+    top = path_abs  # the highest folder that does not exist yet
     while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
         top = os.path.dirname(top)
     created = not os.path.exists(top)
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-        if created:
-            shutil.rmtree(top, ignore_errors=True)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        if isinstance(exc, FileExistsError | NotADirectoryError):
-            reason = "a file of that name is in the way"
-        raise ValueError(f"cannot write results to {what} {path!r}: {reason}") from None
+    for attempt in range(20):
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+            break
+        except FileNotFoundError:
+            if attempt == 19:
+                raise ValueError(f"cannot write results to {what} {path!r}: it keeps disappearing") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            if isinstance(exc, FileExistsError | NotADirectoryError):
+                reason = "a file of that name is in the way"
+            raise ValueError(f"cannot write results to {what} {path!r}: {reason}") from None
+    if created:
+        # bottom up, and only folders nothing else has written into meanwhile
+        d = path_abs
+        while True:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            if d == top:
+                break
+            d = os.path.dirname(d)
     return path

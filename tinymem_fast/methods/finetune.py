@@ -28,8 +28,8 @@ import torch
 
 from .. import __version__
 from ..tinymem.data import math as mathdata
-from ..tinymem.data.dataset import DataConfig, TinyMemData, build
-from ..tinymem.training import TrainConfig, list_checkpoints, train
+from ..tinymem.data.dataset import TinyMemData, build
+from ..tinymem.training import list_checkpoints, train
 from .registry import register
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,14 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     return run_dir, ckpt
 
 
-def _fields(cls, tree: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in tree.items() if k in names})
-
-
 def load_run(run_dir: str):
-    """The RunConfig and data fingerprint recorded by `tinymem train`."""
-    from ..tinymem.models import ModelConfig
-    from ..tinymem.presets import RunConfig
+    """The RunConfig (checked like a config file) and data fingerprint recorded by `tinymem train`."""
+    from ..tinymem.presets import from_dict
 
-    with open(os.path.join(run_dir, "run.json")) as f:
+    path = os.path.join(run_dir, "run.json")
+    with open(path) as f:
         info = json.load(f)
-    tree = info["config"]
-    cfg = RunConfig(data=_fields(DataConfig, tree["data"]), model=_fields(ModelConfig, tree["model"]),
-                    train=_fields(TrainConfig, tree["train"]), seed=tree.get("seed", 0))
-    return cfg, info.get("data_fingerprint")
+    return from_dict(info["config"], path), info.get("data_fingerprint")
 
 
 def load_run_data(run_dir: str):
@@ -197,11 +189,11 @@ def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None
     cfg.validate()
     run_dir, ckpt = resolve_checkpoint(path)
     run_cfg, data = load_run_data(run_dir)
-    if run_cfg.train.regularizer:
+    if run_cfg.regularizer.name:
         log.warning("%s was trained with %s; fine-tuning continues without it", run_dir,
-                    run_cfg.train.regularizer)
+                    run_cfg.regularizer.name)
     tc = dataclasses.replace(run_cfg.train, epochs=cfg.epochs, max_steps=None, eval_every=0, ckpt_every=0,
-                             eval_every_epochs=1.0, ckpt_every_epochs=1.0, regularizer=None)
+                             eval_every_epochs=1.0, ckpt_every_epochs=1.0)
     if device:
         tc.device = device
     if eval_batch_size:

@@ -1,7 +1,8 @@
 """Named, documented run configurations: the paper's (for GPUs) and quick ones (minutes on a 2-core CPU).
 
-A run config bundles data, model and training settings plus the seed. Any field can be overridden with
-``key=value`` strings (``data.num_noise=200``, ``train.epochs=3``, ``model.n_layer=2``, ``seed=1``) or a
+A run config bundles data, model, training and regularizer settings plus the seed. Any field can be
+overridden with ``key=value`` strings (``data.num_noise=200``, ``train.epochs=3``, ``model.n_layer=2``,
+``regularizer.name=spectral_norm``, ``regularizer.spectral_norm.spectral_lambda=0.02``, ``seed=1``) or a
 JSON/YAML file of the same nested shape.
 """
 
@@ -17,6 +18,7 @@ from ..common.optional import require
 from ..common.validation import like_default, parse_like
 from .data.dataset import DataConfig
 from .models import ModelConfig
+from .regularizers import MOVED, RegularizerConfig, upgrade_tree
 from .training import TrainConfig
 
 
@@ -25,6 +27,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     seed: int = 0
     description: str = ""
 
@@ -108,6 +111,7 @@ def _names(obj) -> list[str]:
 
 
 def _set_field(obj, dotted: str, value) -> None:
+    dotted = MOVED.get(dotted, dotted)
     parts = dotted.split(".")
     target = obj
     for i, p in enumerate(parts[:-1]):
@@ -165,7 +169,7 @@ def _apply_tree(cfg: RunConfig, tree: dict, where: str) -> None:
                 _set_field(cfg, key, v)
 
     try:
-        walk("", tree)
+        walk("", upgrade_tree(tree))
     except KeyError as exc:
         raise ValueError(f"{where}: {exc.args[0]}") from None
 
@@ -184,8 +188,8 @@ def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | N
             raise FileNotFoundError(f"config file {file!r} does not exist")
         tree = read_tree(file, "config file")
         if not isinstance(tree, dict):
-            raise ValueError(f"config file {file!r} must hold a mapping of sections (data:, model:, train:), "
-                             f"got a {type(tree).__name__}")
+            raise ValueError(f"config file {file!r} must hold a mapping of sections (data:, model:, train:, "
+                             f"regularizer:), got a {type(tree).__name__}")
         _apply_tree(cfg, tree, f"config file {file!r}")
     for s in sets or []:
         if "=" not in s:
@@ -198,4 +202,5 @@ def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | N
     cfg.data.validate()
     cfg.model.validate()
     cfg.train.validate()
+    cfg.regularizer.validate()
     return cfg

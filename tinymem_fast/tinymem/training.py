@@ -5,8 +5,9 @@ at step ``s`` replays exactly the batches an uninterrupted run would have seen; 
 optimizer state this makes a killed-and-restarted run end on the same weights.
 
 Regularizers plug in as hooks (:class:`TrainHook`): they may add to the loss or reweight sequences,
-without flags threaded through the loop. ``TrainConfig.regularizer`` names one
-(:mod:`tinymem_fast.methods.regularizers`); its state is saved in every checkpoint, so resume stays exact.
+without flags threaded through the loop. A run config's ``regularizer`` section
+(:class:`~tinymem_fast.tinymem.regularizers.RegularizerConfig`) names one; its state is saved in every
+checkpoint, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .memorization import memorization_stats
 from .metrics import evaluate_tests
 from .models import build_model, save_model
 from .models.tinymem import save_pretrained_quietly
-from .regularizers import TrainHook, check_config, hparams, make_regularizer
+from .regularizers import RegularizerConfig, TrainHook, make_regularizer, upgrade_tree
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^step-(\d{9})$")
@@ -60,17 +61,6 @@ class TrainConfig:
     compile: bool = False             # torch.compile the loss (pays off on GPUs, where steps are tiny)
     # "bf16": matmuls in bfloat16 under autocast, float32 weights/optimizer/loss (models/mixed_precision.py)
     precision: str = "fp32"
-    # regularizers (SPEC 5.2): spectral_norm | loss_truncation | example_tied_dropout | None
-    regularizer: str | None = None
-    spectral_lambda: float = 0.01
-    spectral_power: int = 1
-    trunc_drop_frac: float = 0.4
-    trunc_buffer: int = 10000
-    trunc_min_count: int = 10000
-    etd_p_fixed: float = 0.2
-    etd_p_mem: float = 0.1
-    etd_per_row_ids: bool = False     # duplicate copies get their own masks (default: one per sequence)
-    reg_timing_steps: int = 8         # steps timed with and without the regularizer (its cost); 0 = skip
 
     def validate(self) -> None:
         check_precision(self.precision)
@@ -78,7 +68,7 @@ class TrainConfig:
         at_least("train", self, 1, "batch_size", "eval_batch_size")
         at_least("train", self, 1, "max_steps", optional=True)
         at_least("train", self, 0, "weight_decay", "eval_every", "ckpt_every", "eval_every_epochs",
-                 "ckpt_every_epochs", "keep_checkpoints", "reg_timing_steps")
+                 "ckpt_every_epochs", "keep_checkpoints")
         if not (isinstance(self.epochs, int | float) and self.epochs > 0):
             raise ValueError(f"train.epochs must be > 0, got {self.epochs!r}")
         if not (isinstance(self.lr, int | float) and self.lr > 0):
@@ -86,8 +76,6 @@ class TrainConfig:
         if not (isinstance(self.betas, list | tuple) and len(self.betas) == 2
                 and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.regularizer is not None:
-            check_config(self)
 
 
 def build_model_for(data, model_cfg, seed: int = 0):
@@ -262,18 +250,21 @@ class Trainer:
 
 
 def train(model, data, cfg: TrainConfig, out_dir: str, *, seed: int = 0, resume: bool = True,
-          hooks: list[TrainHook] | None = None, progress: bool = True, init_from: str | None = None) -> dict:
+          hooks: list[TrainHook] | None = None, progress: bool = True, init_from: str | None = None,
+          regularizer: RegularizerConfig | None = None) -> dict:
     """Train ``model`` on ``data``; returns the final evaluation. Checkpoints and ``metrics.jsonl`` go to
     ``out_dir``; the final model to ``out_dir/final``. ``init_from``: a checkpoint whose weights and
-    optimizer state start the run when ``out_dir`` has none to resume (fine-tuning)."""
+    optimizer state start the run when ``out_dir`` has none to resume (fine-tuning). ``regularizer``:
+    the run's regularizer (its cost per step is measured first, then it joins ``hooks``)."""
     os.makedirs(out_dir, exist_ok=True)
     device = check_device(cfg.device, "train.device")
     model.to(device).train()
     own_hooks = []
     cost = None
-    if cfg.regularizer:
-        cost = step_overhead(model, data, cfg, out_dir, seed, steps=cfg.reg_timing_steps)
-        own_hooks = [make_regularizer(cfg.regularizer, model, cfg, seed)]
+    if regularizer is not None and regularizer.name:
+        regularizer.validate()
+        cost = step_overhead(model, data, cfg, regularizer, out_dir, seed, steps=regularizer.timing_steps)
+        own_hooks = [make_regularizer(regularizer.name, model, regularizer.settings(), seed)]
     hooks = list(hooks or []) + own_hooks
     trainer = Trainer(model, cfg, hooks)
     opt = trainer.opt
@@ -369,7 +360,7 @@ def _summary(m: dict) -> str:
 # any step computes (the data order of each epoch is seeded by the epoch alone).
 RESUMABLE = {"description", "train.max_steps", "train.epochs", "train.eval_every", "train.ckpt_every",
              "train.eval_every_epochs", "train.ckpt_every_epochs", "train.keep_checkpoints",
-             "train.eval_batch_size", "train.device", "train.compile", "train.reg_timing_steps"}
+             "train.eval_batch_size", "train.device", "train.compile", "regularizer.timing_steps"}
 # what a run folder holds besides its data cache; --no-resume removes all of it
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "final_metrics.json", "run.json")
 
@@ -404,7 +395,7 @@ def _claim_run_folder(out: str, config: dict, resume: bool) -> dict | None:
     try:
         with open(path) as f:
             old = json.load(f)
-        old_cfg = _flat(old["config"])
+        old_cfg = _flat(upgrade_tree(old["config"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc}): start over with --no-resume, "
                          "or choose another --out") from None
@@ -439,7 +430,8 @@ def train_run(cfg, out: str, *, preset: str = "custom", resume: bool = True, pro
     run_info = {"preset": preset, "config": cfg.to_dict(), "data_fingerprint": fp, "data_meta": data.meta}
     atomic.write_json(os.path.join(out, "run.json"), run_info)
     model = build_model_for(data, cfg.model, seed=cfg.seed)
-    result = train(model, data, cfg.train, out, seed=cfg.seed, resume=resume, progress=progress)
+    result = train(model, data, cfg.train, out, seed=cfg.seed, resume=resume, progress=progress,
+                   regularizer=cfg.regularizer)
     result["wall_s"] = time.perf_counter() - t0
     atomic.write_json(os.path.join(out, "final_metrics.json"), result)
     return result
@@ -450,8 +442,8 @@ def train_run(cfg, out: str, *, preset: str = "custom", resume: bool = True, pro
 COST_FILE = "regularizer_cost.json"
 
 
-def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, steps: int = 8,
-                  warmup: int = 2) -> dict | None:
+def step_overhead(model, data, cfg: TrainConfig, reg: RegularizerConfig, out_dir: str | None = None,
+                  seed: int = 0, steps: int = 8, warmup: int = 2) -> dict | None:
     """Median training-step time with and without the regularizer, on two copies of ``model`` fed the
     same first batches of epoch 0, steps interleaved (alternating which goes first) so both see the same
     machine load. Global RNG states are restored, so the real run is unaffected. Cached in
@@ -462,7 +454,7 @@ def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, s
     if path and os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached.get("regularizer") == cfg.regularizer and cached.get("hparams") == hparams(cfg):
+        if cached.get("regularizer") == reg.name and cached.get("hparams") == reg.hparams():
             return cached
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -472,11 +464,10 @@ def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, s
     n = warmup + steps
     batches = [(order[i * bs:(i + 1) * bs], copy_ids[i * bs:(i + 1) * bs]) for i in range(n)]
     batches = [b for b in batches if b[0].numel()] or [(order[:bs], copy_ids[:bs])]
-    plain_cfg = dataclasses.replace(cfg, compile=False, regularizer=None)
-    reg_cfg = dataclasses.replace(cfg, compile=False)
+    step_cfg = dataclasses.replace(cfg, compile=False)
     m_plain, m_reg = copy.deepcopy(model).to(device), copy.deepcopy(model).to(device)
-    hook = make_regularizer(cfg.regularizer, m_reg, reg_cfg, seed)
-    trainers = {"plain": Trainer(m_plain, plain_cfg), "reg": Trainer(m_reg, reg_cfg, [hook])}
+    hook = make_regularizer(reg.name, m_reg, reg.settings(), seed)
+    trainers = {"plain": Trainer(m_plain, step_cfg), "reg": Trainer(m_reg, step_cfg, [hook])}
     times: dict[str, list[float]] = {"plain": [], "reg": []}
     try:
         for i in range(n):
@@ -495,11 +486,11 @@ def step_overhead(model, data, cfg, out_dir: str | None = None, seed: int = 0, s
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    plain, reg = statistics.median(times["plain"]), statistics.median(times["reg"])
-    cost = {"regularizer": cfg.regularizer, "hparams": hparams(cfg), "step_ms_plain": 1e3 * plain,
-            "step_ms_regularized": 1e3 * reg, "extra_ms_per_step": 1e3 * (reg - plain),
-            "overhead_ratio": reg / plain, "timed_steps": steps, "device": str(device)}
-    log.info("%s: %.1f ms/step vs %.1f ms unregularized (x%.2f)", cfg.regularizer,
+    t_plain, t_reg = statistics.median(times["plain"]), statistics.median(times["reg"])
+    cost = {"regularizer": reg.name, "hparams": reg.hparams(), "step_ms_plain": 1e3 * t_plain,
+            "step_ms_regularized": 1e3 * t_reg, "extra_ms_per_step": 1e3 * (t_reg - t_plain),
+            "overhead_ratio": t_reg / t_plain, "timed_steps": steps, "device": str(device)}
+    log.info("%s: %.1f ms/step vs %.1f ms unregularized (x%.2f)", reg.name,
              cost["step_ms_regularized"], cost["step_ms_plain"], cost["overhead_ratio"])
     if path:
         with open(path, "w") as f:

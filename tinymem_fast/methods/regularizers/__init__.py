@@ -21,12 +21,11 @@ from ...tinymem.regularizers import (  # noqa: F401 (the regularizers' public na
     ExampleTiedDropoutConfig,
     LossTruncation,
     LossTruncationConfig,
+    RegularizerConfig,
     SpectralNorm,
     SpectralNormConfig,
     canonical_name,
-    check_config,
     get_regularizer,
-    hparams,
     make_regularizer,
 )
 from ...tinymem.training import COST_FILE, step_overhead  # noqa: F401
@@ -46,11 +45,11 @@ def _run_regularized(name: str):
         from ..finetune import load_run
 
         run_cfg, _ = load_run(run_dir)
-        run_cfg.train = dataclasses.replace(run_cfg.train, regularizer=name, device=device,
-                                            **dataclasses.asdict(cfg))
+        run_cfg.train = dataclasses.replace(run_cfg.train, device=device)
+        run_cfg.regularizer = dataclasses.replace(run_cfg.regularizer, name=name, **{name: cfg})
         if seed is not None:
             run_cfg.seed = seed
-        check_config(run_cfg.train)
+        run_cfg.regularizer.validate()
         train_run(run_cfg, out_dir, preset=f"sweep:{name}", progress=progress)
         return regularizer_row(out_dir, run_dir)
 
@@ -76,29 +75,30 @@ def regularizer_row(run_dir: str, baseline_dir: str) -> dict:
     regularized run's training time (evaluations excluded), with the baseline's and the per-step overhead
     beside it."""
     from ... import __version__
+    from ...tinymem.presets import from_dict
     from ...tinymem.results import selection_score, utility
 
     info, binfo = _read(run_dir, "run.json"), _read(baseline_dir, "run.json")
     after, base = _read(run_dir, "final_metrics.json"), _read(baseline_dir, "final_metrics.json")
-    tcfg = info["config"]["train"]
-    if not tcfg.get("regularizer"):
+    run_cfg = from_dict(info["config"], f"{run_dir}/run.json")
+    base_reg = from_dict(binfo["config"], f"{baseline_dir}/run.json").regularizer.name
+    if not run_cfg.regularizer.name:
         raise ValueError(f"{run_dir!r} was trained without a regularizer")
-    if binfo["config"]["train"].get("regularizer"):
-        raise ValueError(f"baseline {baseline_dir!r} was itself trained with "
-                         f"{binfo['config']['train']['regularizer']}")
+    if base_reg:
+        raise ValueError(f"baseline {baseline_dir!r} was itself trained with {base_reg}")
     if info.get("data_fingerprint") != binfo.get("data_fingerprint"):
         raise ValueError("the regularized run and the baseline were trained on different data "
                          f"({info.get('data_fingerprint')} vs {binfo.get('data_fingerprint')})")
-    name = canonical_name(tcfg["regularizer"])
-    hp = {k: tcfg[k] for k in REGULARIZERS[name][1]}
-    hp.update({k: tcfg[k] for k in ("lr", "batch_size", "epochs", "max_steps", "loss_on_pad")})
+    name, tcfg = run_cfg.regularizer.name, run_cfg.train
+    hp = run_cfg.regularizer.hparams()
+    hp.update({k: getattr(tcfg, k) for k in ("lr", "batch_size", "epochs", "max_steps", "loss_on_pad")})
     kind, artifact = info["config"]["data"]["kind"], info["config"]["data"]["artifact"]
     mem_key = "mem" if artifact == "noise" else "asr"
     seed = info["config"]["seed"]
     blob = json.dumps({"model": os.path.abspath(run_dir), "method": name, "cfg": hp, "seed": seed},
                       sort_keys=True, default=str)
     cost = after.get("regularizer_cost", {})
-    device = tcfg.get("device", "cpu")
+    device = tcfg.device
     if device.startswith("cuda") and torch.cuda.is_available():
         device = torch.cuda.get_device_name(torch.device(device))
     return {
@@ -121,5 +121,5 @@ def regularizer_row(run_dir: str, baseline_dir: str) -> dict:
     }
 
 
-__all__ = ["REGULARIZERS", "ExampleTiedDropout", "LossTruncation", "SpectralNorm", "check_config",
+__all__ = ["REGULARIZERS", "ExampleTiedDropout", "LossTruncation", "RegularizerConfig", "SpectralNorm",
            "get_regularizer", "make_regularizer", "regularizer_row", "step_overhead"]

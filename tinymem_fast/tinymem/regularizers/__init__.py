@@ -1,12 +1,13 @@
-"""Training-time regularizers (SPEC 5.2) as hooks of the TinyMem training loop, used through
-``TrainConfig.regularizer``:
+"""Training-time regularizers (SPEC 5.2) as hooks of the TinyMem training loop, chosen and set by a run
+config's ``regularizer`` section (:class:`RegularizerConfig`: ``regularizer.name=spectral_norm``,
+``regularizer.spectral_norm.spectral_lambda=0.02``):
 
 * ``spectral_norm`` (reference ``spectral_reg``): + (lambda/2) sum sigma_max^power over weight blocks.
 * ``loss_truncation`` (``truncate_loss``): sequences above a running loss percentile get weight 0.
 * ``example_tied_dropout``: per-example fixed channel masks on the residual stream.
 
 Each is a :class:`~tinymem_fast.tinymem.regularizers.base.TrainHook`; :func:`get_regularizer` returns a
-factory ``(model, train_cfg, seed) -> hook``. As mitigation methods (settings, result rows, sweeps) they
+factory ``(model, settings, seed) -> hook``. As mitigation methods (settings, result rows, sweeps) they
 are registered in :mod:`tinymem_fast.methods.regularizers`.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import TrainHook
 from .example_tied_dropout import ExampleTiedDropout
@@ -22,26 +23,31 @@ from .loss_truncation import LossTruncation
 from .spectral_norm import SpectralNorm
 
 
-# The settings of each regularizer (TrainConfig fields of the same names hold them during a run); each
-# checks its own ranges.
+class _Checked:
+    """Settings that check their ranges on construction and in validate() (--set writes fields later)."""
+
+    def __post_init__(self):
+        self.validate()
+
+
 @dataclass
-class SpectralNormConfig:
+class SpectralNormConfig(_Checked):
     spectral_lambda: float = 0.01
     spectral_power: int = 1
 
-    def __post_init__(self):
+    def validate(self):
         if self.spectral_lambda < 0 or self.spectral_power not in (1, 2):
             raise ValueError(f"spectral_norm needs spectral_lambda >= 0 and spectral_power in {{1, 2}}, got "
                              f"{self.spectral_lambda}, {self.spectral_power}")
 
 
 @dataclass
-class LossTruncationConfig:
+class LossTruncationConfig(_Checked):
     trunc_drop_frac: float = 0.4
     trunc_buffer: int = 10000
     trunc_min_count: int = 10000
 
-    def __post_init__(self):
+    def validate(self):
         if not 0 <= self.trunc_drop_frac < 1 or self.trunc_buffer < 1 or self.trunc_min_count < 0:
             raise ValueError("loss_truncation needs 0 <= trunc_drop_frac < 1, trunc_buffer >= 1, "
                              f"trunc_min_count >= 0, got {self.trunc_drop_frac}, {self.trunc_buffer}, "
@@ -49,12 +55,12 @@ class LossTruncationConfig:
 
 
 @dataclass
-class ExampleTiedDropoutConfig:
+class ExampleTiedDropoutConfig(_Checked):
     etd_p_fixed: float = 0.2
     etd_p_mem: float = 0.1
     etd_per_row_ids: bool = False
 
-    def __post_init__(self):
+    def validate(self):
         if not (0 < self.etd_p_fixed <= 1 and 0 <= self.etd_p_mem <= 1):
             raise ValueError("example_tied_dropout needs 0 < etd_p_fixed <= 1 and 0 <= etd_p_mem <= 1, got "
                              f"{self.etd_p_fixed}, {self.etd_p_mem}")
@@ -69,7 +75,7 @@ _FACTORIES: dict[str, Callable] = {
     "example_tied_dropout": lambda model, c, seed: ExampleTiedDropout(
         model, c.etd_p_fixed, c.etd_p_mem, seed, c.etd_per_row_ids),
 }
-# name -> (factory, the TrainConfig fields it reads: its settings' fields)
+# name -> (factory, its settings' field names)
 REGULARIZERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     name: (_FACTORIES[name], tuple(f.name for f in dataclasses.fields(cls)))
     for name, cls in SETTINGS.items()}
@@ -84,38 +90,77 @@ def canonical_name(name: str) -> str:
     return key
 
 
+@dataclass
+class RegularizerConfig:
+    """A run's regularizer: ``name`` (None: none) and the settings of each, so that switching ``name``
+    in a sweep keeps every other regularizer's settings where they were."""
+    name: str | None = None
+    spectral_norm: SpectralNormConfig = field(default_factory=SpectralNormConfig)
+    loss_truncation: LossTruncationConfig = field(default_factory=LossTruncationConfig)
+    example_tied_dropout: ExampleTiedDropoutConfig = field(default_factory=ExampleTiedDropoutConfig)
+    timing_steps: int = 8  # steps timed with and without the regularizer (its cost); 0 = skip
+
+    def validate(self) -> None:
+        """Fail before training on a bad name or value (and store the canonical name)."""
+        if self.name is not None:
+            self.name = canonical_name(self.name)
+        if not (isinstance(self.timing_steps, int) and self.timing_steps >= 0):
+            raise ValueError(f"regularizer.timing_steps must be >= 0, got {self.timing_steps!r}")
+        bad = []
+        for name in SETTINGS:
+            try:
+                getattr(self, name).validate()
+            except ValueError as exc:
+                bad.append(str(exc))
+        if bad:
+            raise ValueError("regularizer settings out of range: " + "; ".join(bad))
+
+    def settings(self):
+        """The chosen regularizer's settings dataclass (None without one)."""
+        return getattr(self, canonical_name(self.name)) if self.name else None
+
+    def hparams(self) -> dict:
+        return dataclasses.asdict(self.settings()) if self.name else {}
+
+
+# Where regularizer settings lived before they left TrainConfig: run.json files and configs written then,
+# and ``--set train.spectral_lambda=...``, still read right.
+MOVED = {"train.regularizer": "regularizer.name", "train.reg_timing_steps": "regularizer.timing_steps",
+         **{f"train.{f}": f"regularizer.{name}.{f}"
+            for name, (_, fields) in REGULARIZERS.items() for f in fields}}
+
+
+def upgrade_tree(tree: dict) -> dict:
+    """A nested config mapping with settings at their old places (``train.spectral_lambda``) moved to
+    the ``regularizer`` section; anything else unchanged."""
+    train = tree.get("train")
+    if not isinstance(train, dict) or not any(f"train.{k}" in MOVED for k in train):
+        return tree
+    out = {**tree, "train": {k: v for k, v in train.items() if f"train.{k}" not in MOVED}}
+    out["regularizer"] = dict(out.get("regularizer") or {})
+    for k, v in train.items():
+        if (new := MOVED.get(f"train.{k}")) is not None:
+            *parents, leaf = new.split(".")[1:]
+            node = out["regularizer"]
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = v
+    return out
+
+
 def get_regularizer(name: str) -> Callable:
-    """Factory ``(model, train_cfg, seed) -> TrainHook`` for a regularizer name (reference names accepted)."""
-    return REGULARIZERS[canonical_name(name)][0]
+    """Factory ``(model, settings, seed) -> TrainHook`` for a regularizer name (reference names accepted);
+    ``settings`` is its dataclass (:data:`SETTINGS`), None for the defaults."""
+    key = canonical_name(name)
+    factory = REGULARIZERS[key][0]
+    return lambda model, settings=None, seed=0: factory(model, settings or SETTINGS[key](), seed)
 
 
-def make_regularizer(name: str, model, cfg, seed: int = 0):
-    return get_regularizer(name)(model, cfg, seed)
+def make_regularizer(name: str, model, settings=None, seed: int = 0):
+    return get_regularizer(name)(model, settings, seed)
 
 
-def _settings_of(name: str, cfg):
-    """The regularizer's settings dataclass, filled from a TrainConfig (range-checked on construction)."""
-    cls = SETTINGS[name]
-    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
-
-
-def check_config(cfg) -> None:
-    """Fail before training on a bad name or value (and store the canonical name)."""
-    cfg.regularizer = canonical_name(cfg.regularizer)
-    bad = []
-    for name in SETTINGS:
-        try:
-            _settings_of(name, cfg)
-        except ValueError as exc:
-            bad.append(str(exc))
-    if bad:
-        raise ValueError("regularizer settings out of range: " + "; ".join(bad))
-
-
-def hparams(cfg) -> dict:
-    return dataclasses.asdict(_settings_of(canonical_name(cfg.regularizer), cfg))
-
-
-__all__ = ["ALIASES", "REGULARIZERS", "ExampleTiedDropout", "ExampleTiedDropoutConfig", "LossTruncation",
-           "LossTruncationConfig", "SpectralNorm", "SpectralNormConfig", "TrainHook",
-           "canonical_name", "check_config", "get_regularizer", "hparams", "make_regularizer"]
+__all__ = ["ALIASES", "REGULARIZERS", "SETTINGS", "ExampleTiedDropout", "ExampleTiedDropoutConfig",
+           "LossTruncation", "LossTruncationConfig", "MOVED", "RegularizerConfig", "SpectralNorm",
+           "SpectralNormConfig", "TrainHook", "canonical_name", "get_regularizer", "make_regularizer",
+           "upgrade_tree"]

@@ -33,8 +33,8 @@ against ``generate (KV cache, k tokens)``; the note adds the ratio to the paper'
 relative to the floor. A baseline too slow to run on every row (the paper's generate on CPU) is timed on
 a leading subset and scaled linearly in rows (noted).
 
-Environment: ``BENCH_SMOKE=1`` (or ``python -m bench.bench_scoring --quick``): tiny sizes, one repeat, only
-to check that the suite runs. ``BENCH_SCORING_N``: sequences per workload (default 1024; ``neox70m``
+``python -m bench --smoke`` (or ``python -m bench.pipelines.scoring --quick``): tiny sizes, one repeat,
+only to check that the suite runs. ``BENCH_SCORING_N``: sequences per workload (default 1024; ``neox70m``
 default 1024 on a GPU, 128 on CPU). ``BENCH_SCORING_BATCH``: batch size (default 64).
 """
 
@@ -349,7 +349,7 @@ def run(device: str = "cpu", repeats: int = 3, say=print) -> list[Row]:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_scoring", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.pipelines.scoring", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: only checks that the suite runs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)

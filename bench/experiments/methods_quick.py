@@ -13,7 +13,7 @@ import copy
 import json
 import os
 
-from bench.bench_tinymem_quick import trained_run
+from bench.experiments.tinymem_quick import trained_run
 from bench.harness import HERE, Row
 from tinymem_fast.experiments.grids import QUICK
 from tinymem_fast.experiments.unlearning import forget_set, run_id, stats, unlearn

@@ -11,7 +11,7 @@ On a CPU, also one greedy-decoding step of a Pythia-70M-shaped float32 head (V=5
 128 rows: ``F.linear + argmax`` against the cpp kernel in float32 and screened in bf16 (``pack_head``, built
 once per weight outside the timed region; its own time is in the note).
 
-``python -m bench.bench_memscore [--quick] [--head-only]`` prints the rows without saving them.
+``python -m bench.kernels.memscore [--quick] [--head-only]`` prints the rows without saving them.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench.bench_memscore", description="print, do not save")
+    p = argparse.ArgumentParser(prog="python -m bench.kernels.memscore", description="print, do not save")
     p.add_argument("--quick", action="store_true", help="BENCH_SMALL=1 sizes and 2 repeats")
     p.add_argument("--head-only", action="store_true", help="only the greedy-decoding head cases")
     p.add_argument("--repeats", type=int, default=5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 
-from bench.bench_tinymem_quick import trained_run
+from bench.experiments.tinymem_quick import trained_run
 from bench.harness import Row
 from tinymem_fast.experiments.demo import QUICK_METHODS
 from tinymem_fast.experiments.unlearning import forget_set, stats, unlearn

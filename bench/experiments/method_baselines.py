@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.bench_tinymem_quick import trained_run
+from bench.experiments.tinymem_quick import trained_run
 from bench.harness import Row, sync
 from tinymem_fast.experiments.unlearning import forget_set, retain_set
 from tinymem_fast.methods import UnlearnInputs

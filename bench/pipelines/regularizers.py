@@ -16,6 +16,7 @@ noise; its ratio is against the unregularized step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 
@@ -61,11 +62,12 @@ def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
                 trainers[name] = Trainer(model, tc)
             else:
                 # small buffer so that the truncation threshold is live (and recomputed) during the timing
-                rc = copy.copy(tc)
-                rc.regularizer, rc.trunc_buffer, rc.trunc_min_count = name, 4 * bs, 4 * bs
-                hook = make_regularizer(name, model, rc, cfg.seed)
+                settings = dataclasses.replace(getattr(cfg.regularizer, name))
+                if name == "loss_truncation":
+                    settings.trunc_buffer = settings.trunc_min_count = 4 * bs
+                hook = make_regularizer(name, model, settings, cfg.seed)
                 hooks.append(hook)
-                trainers[name] = Trainer(model, rc, [hook])
+                trainers[name] = Trainer(model, tc, [hook])
         names = list(trainers)
         times: dict[str, list[float]] = {n: [] for n in names}
         warmup, rounds = 3, max(10, 4 * repeats)

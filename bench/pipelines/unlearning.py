@@ -46,8 +46,8 @@ import time
 import torch
 from torch import nn
 
-from bench.bench_masked_subnet import fast_backends
 from bench.harness import HERE, Row, sync, with_ratios
+from bench.kernels.masked_subnet import fast_backends
 from tinymem_fast.experiments.demo import QUICK_METHODS, _model_ready
 from tinymem_fast.experiments.unlearning import forget_set, retain_set, unlearn
 from tinymem_fast.integrations.adapters import mlp_layers

@@ -1,0 +1,1 @@
+"""Kernel micro-benchmarks: one op family each, against its PyTorch reference on the same inputs."""
