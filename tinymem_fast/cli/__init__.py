@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--checkpoints", nargs="+", metavar="DIR",
                     help="score the input under each checkpoint (model folders, or a `tinymem train` run "
                          "folder for all of its checkpoints) and plot memorization over training")
+    sc.add_argument("--revisions", metavar="REVS",
+                    help="a hub id under each of these revisions (step1000,step2000 or a range "
+                         "step1000:step143000:1000): one result set per revision in OUT/<revision>/, and "
+                         "memorization over training")
     sc.set_defaults(func=_command("score", "cmd_score"))
 
     ex = sub.add_parser("extract", help="greedy-decode the suffix of each sequence from its prefix")

@@ -106,11 +106,29 @@ def method_hparams(methods, items: list[str], quick_defaults: bool) -> dict[str,
 
 
 def add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
-    sp.add_argument("model", nargs="?", help="a local Hugging Face causal LM folder")
+    sp.add_argument("model", nargs="?", help="a Hugging Face causal LM: a local folder or a hub id "
+                    "(e.g. EleutherAI/pythia-70m-deduped)")
+    sp.add_argument("--revision", help="a hub id's branch, tag or commit, e.g. step143000")
+    sp.add_argument("--local-files-only", action="store_true",
+                    help="never download: hub ids come from the Hugging Face cache (as HF_HUB_OFFLINE=1)")
     sp.add_argument("--input", required=True,
-                    help='token sequences: .jsonl ({"ids": [...]} or {"text": "..."} per line), '
-                         '.npy or .pt ([N, L] integers)')
-    sp.add_argument("--tokenizer", help="tokenizer folder for text lines (default: the model folder)")
+                    help='token sequences of any size, read as needed: .npy ([N, L] integers, memory-'
+                         'mapped), a GPT-NeoX/Megatron .bin/.idx pair, .parquet or a Hugging Face dataset '
+                         'folder (a token-id or text column), .jsonl ({"ids": [...]} or {"text": "..."} per '
+                         'line), .pt')
+    sp.add_argument("--tokenizer", help="tokenizer folder for text input (default: the model's)")
+    sp.add_argument("--seq-len", type=positive_int, metavar="L",
+                    help=".bin/.idx input: rows are L-token windows of the documents laid end to end (as "
+                         "pre-shuffled training data is batched; Pythia: 2049) instead of one per document")
+    sp.add_argument("--column", help="Parquet / dataset input: the column of token ids or text")
+    sp.add_argument("--split", help="dataset input with several splits: which one")
+    sp.add_argument("--rows", metavar="START:END", help="score only these rows of the input")
+    sp.add_argument("--row-index", metavar="FILE",
+                    help="score only the rows a file lists (.npy of integers, or one index per line)")
+    sp.add_argument("--shard-rows", type=positive_int, metavar="N",
+                    help="rows per output shard, each written when done (default 4096)")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue a killed run in --out (its finished shards are kept)")
     sp.add_argument("--prefix-len", type=int, default=50, help="prompt tokens (default 50)")
     sp.add_argument("--suffix-len", type=int, default=50, help="tokens to reproduce (default 50)")
     sp.add_argument("--batch-size", type=int, default=64)

@@ -1,55 +1,95 @@
-"""``tinymem score`` and ``tinymem extract``: read the input, load the model, shard the rows over
-``torchrun`` ranks, score, gather on rank 0 and write per-example JSON Lines plus a summary."""
+"""``tinymem score`` and ``tinymem extract``: open the input as a row source (any size: memory-mapped
+arrays, indexed training data, Parquet, datasets, JSON Lines), load the model (a folder or a hub id at a
+revision), score the rows shard by shard and write each shard the moment it is done (under ``torchrun``
+every rank writes its own shards), then merge them into per-example JSON Lines plus a summary. A killed
+run continues with ``--resume``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-from ..common import atomic
 from ..common.devices import device_name
 from ..eval import distributed as dist_
-from ..eval.inputs import check_tokenizer, eos_ids, load_sequences, to_matrix
+from ..eval import streaming
+from ..eval.inputs import check_tokenizer, eos_ids
 from ..eval.scoring import ScoringInputError, score_for_mode, split_causal_lm, validate_ids
-from ..integrations.loading import has_tokenizer, load_causal_lm, load_tokenizer
+from ..eval.sources import JsonlSource, open_source, select_rows
+from ..integrations.loading import has_tokenizer, load_causal_lm, load_tokenizer, resolve_model
 from .common import log_to_stderr
+
+# below this many lines a JSON Lines input is parsed whole before the model loads, so that a malformed
+# line is reported first; a larger one is parsed shard by shard
+VALIDATE_JSONL_UP_TO = 100_000
+
+
+def _open_input(args, need: int):
+    """(source, tokenizer folder or None): a text input without --tokenizer takes the model folder's."""
+    tok_dir = args.tokenizer
+    tokenizer = load_tokenizer(tok_dir) if tok_dir else None
+    kw = dict(seq_len=getattr(args, "seq_len", None), column=getattr(args, "column", None),
+              split=getattr(args, "split", None))
+    for attempt in range(2):
+        try:
+            src = open_source(args.input, need, tokenizer=tokenizer, **kw)
+            if isinstance(src, JsonlSource) and len(src) <= VALIDATE_JSONL_UP_TO:
+                src.validate_all()
+            src = select_rows(src, getattr(args, "rows", None), getattr(args, "row_index", None))
+            src.read(0, min(len(src), 2))  # the format of the rows, before a possibly large model loads
+            return src, tok_dir
+        except ScoringInputError as exc:
+            if attempt or tokenizer is not None or not args.model or "needs a tokenizer" not in str(exc):
+                raise
+            folder = resolve_model(args.model, getattr(args, "revision", None),
+                                   local_files_only=getattr(args, "local_files_only", None))
+            if not has_tokenizer(folder):
+                raise
+            tok_dir, tokenizer = folder, load_tokenizer(folder)
+    raise AssertionError("unreachable")
+
+
+def _manifest(args, command: str, source, need: int, shard_rows: int) -> dict:
+    return {"command": command, "model": _manifest_model(args), "revision": getattr(args, "revision", None),
+            "input": source.fingerprint(), "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,
+            "mode": getattr(args, "mode", None), "nll": getattr(args, "nll", False),
+            "verify": getattr(args, "verify", "none"), "exact_only": getattr(args, "exact_only", False),
+            "stop_on_mismatch": getattr(args, "stop_on_mismatch", False),
+            "suppress_eos": getattr(args, "suppress_eos", False), "dtype": args.dtype,
+            "batch_size": args.batch_size, "shard_rows": shard_rows, "width": need}
 
 
 def run_command(args, command: str) -> dict | None:
     """``tinymem score`` / ``tinymem extract`` (``args`` from :func:`tinymem_fast.cli.build_parser`); returns
-    the summary on rank 0 (None on the other ranks). Under ``torchrun`` the examples are split into
-    contiguous shards, one per rank, and rank 0 writes the gathered results. Bad input raises
-    :class:`ScoringInputError` (or ``FileNotFoundError``) before any scoring starts."""
+    the summary on rank 0 (None on the other ranks). Bad input raises :class:`ScoringInputError` (or
+    ``FileNotFoundError``) before any scoring starts; under ``torchrun`` every rank hears every rank's
+    verdict first."""
     ctx = dist_.init_from_env(args.device)
-    failure = None
+    failure = first = finished = None
     try:
         if args.prefix_len < 1 or args.suffix_len < 1:
             raise ScoringInputError("--prefix-len and --suffix-len must be >= 1")
         if args.batch_size < 1:
             raise ScoringInputError("--batch-size must be >= 1")
-        # the input first: a malformed file is reported before a possibly large model is loaded
-        tok_dir = args.tokenizer
-        tokenizer = load_tokenizer(tok_dir) if tok_dir else None
-        try:
-            seqs = load_sequences(args.input, tokenizer)
-        except ScoringInputError as exc:
-            if tokenizer is None and "needs a tokenizer" in str(exc) and has_tokenizer(args.model):
-                tok_dir = args.model
-                tokenizer = load_tokenizer(tok_dir)
-                seqs = load_sequences(args.input, tokenizer)
-            else:
-                raise
+        shard_rows = getattr(args, "shard_rows", None) or streaming.DEFAULT_SHARD_ROWS
+        if shard_rows < 1:
+            raise ScoringInputError("--shard-rows must be >= 1")
         need = args.prefix_len + args.suffix_len
-        ids = to_matrix(seqs, need)
+        # the input first: a malformed file is reported before a possibly large model is loaded
+        source, tok_dir = _open_input(args, need)
+        plan = streaming.ShardPlan(len(source), shard_rows)
+        manifest = _manifest(args, command, source, need, shard_rows)
+        finished = streaming.check_resume(args.out, manifest, getattr(args, "resume", False))
+        first = source.read(0, min(len(source), shard_rows))
         model = load_causal_lm(args.model, args.dtype, device=None if args.device_map else ctx.device,
-                               device_map=args.device_map)
-        if tokenizer is not None:
-            check_tokenizer(tokenizer, model, tok_dir)
+                               device_map=args.device_map, revision=getattr(args, "revision", None),
+                               local_files_only=getattr(args, "local_files_only", None))
+        if tok_dir is not None:
+            check_tokenizer(load_tokenizer(tok_dir), model, tok_dir)
         parts = split_causal_lm(model)
-        validate_ids(ids, parts, need)
+        validate_ids(first, parts, need)
+        suppress = eos_ids(model) if getattr(args, "suppress_eos", False) else None
     except (ValueError, FileNotFoundError) as exc:
         if not ctx.active:
             raise
@@ -58,90 +98,151 @@ def run_command(args, command: str) -> dict | None:
         dist_.finish(ctx, barrier=False)
         raise
     if ctx.active:  # every rank hears every rank's verdict on its input before any rank starts
-        dist_.agree_on_work(ctx, failure, None if failure else ids, ScoringInputError)
-    n = ids.shape[0]
-    lo, hi = dist_.shard_bounds(n, ctx.rank, ctx.world_size)
+        dist_.agree_on_work(ctx, failure, None if failure else first, ScoringInputError)
+    if finished is not None:
+        dist_.finish(ctx)
+        return finished if ctx.rank == 0 else None
+    if ctx.rank == 0:
+        streaming.claim(args.out, manifest, getattr(args, "resume", False))
+    dist_.barrier(ctx)
+    done = streaming.done_shards(args.out, command, plan)
+    todo = [j for j in range(plan.count) if j not in done]
+    mine = todo[ctx.rank::ctx.world_size]
+
+    def score(ids):
+        validate_ids(ids, parts, need)
+        return score_for_mode(model, ids, args.prefix_len, args.suffix_len, command=command,
+                              mode=getattr(args, "mode", "fractional"), batch_size=args.batch_size,
+                              verify=getattr(args, "verify", False), need_nll=getattr(args, "nll", False),
+                              stop_on_mismatch=getattr(args, "stop_on_mismatch", False), backend=args.backend,
+                              exact_only=getattr(args, "exact_only", False), progress=False,
+                              suppress_ids=suppress)
+
     t0 = time.perf_counter()
-    # a rank with an empty shard (more ranks than examples) scores one row and keeps none, so that its
-    # columns have the names and shapes the gather expects
-    mine = ids[lo:hi] if hi > lo else ids[:1]
-    cols = score_for_mode(model, mine, args.prefix_len, args.suffix_len, command=command,
-                          mode=getattr(args, "mode", "fractional"), batch_size=args.batch_size,
-                          verify=getattr(args, "verify", False), need_nll=getattr(args, "nll", False),
-                          stop_on_mismatch=getattr(args, "stop_on_mismatch", False), backend=args.backend,
-                          exact_only=getattr(args, "exact_only", False),
-                          progress=not args.quiet and ctx.rank == 0,
-                          suppress_ids=eos_ids(model) if getattr(args, "suppress_eos", False) else None)
-    if hi == lo:
-        cols = {c: v[:0] for c, v in cols.items()}
-    cols = dist_.gather_columns(cols, n, ctx)
-    dist_.sync_device(parts.head_device)
+    failure = None
+    try:
+        streaming.score_shards(source, mine, plan, score, args.out, command,
+                               progress=not args.quiet and ctx.rank == 0)
+        dist_.sync_device(parts.head_device)
+    except (ValueError, FileNotFoundError) as exc:
+        if not ctx.active:
+            raise
+        failure = exc
+    except BaseException:
+        dist_.finish(ctx, barrier=False)
+        raise
+    if ctx.active:  # a rank that failed mid-run: the others stop too (their shards stay, for --resume)
+        dist_.agree_on_work(ctx, failure, None, ScoringInputError)
     wall = time.perf_counter() - t0
     summary = None
     if ctx.rank == 0:
-        summary = _summary(cols, args, command, n, wall, parts, ctx)
-        _write_outputs(args.out, command, cols, summary)
+        rows_now = sum(plan.bounds(j)[1] - plan.bounds(j)[0] for j in todo)
+        summary = streaming.merge(args.out, command, plan,
+                                  _summary(args, command, source, wall, rows_now, len(done), parts, ctx))
     dist_.finish(ctx)
     return summary
 
 
-def _summary(cols, args, command, n, wall, parts, ctx) -> dict:
-    s = {"command": command, "model": os.path.abspath(args.model), "input": os.path.abspath(args.input),
-         "n": n, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len, "dtype": args.dtype,
-         "batch_size": args.batch_size, "world_size": ctx.world_size,
-         "device": device_name(parts.head_device), "seconds": wall,
-         "sequences_per_s": n / wall if wall > 0 else float("inf")}
+def _summary(args, command, source, wall, rows_now, shards_resumed, parts, ctx) -> dict:
+    """The run's description; the merge adds the counts and means over every row."""
+    s = {"command": command, "model": _manifest_model(args), "revision": getattr(args, "revision", None),
+         "input": source.describe(), "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,
+         "dtype": args.dtype, "batch_size": args.batch_size, "world_size": ctx.world_size,
+         "device": device_name(parts.head_device), "seconds": wall, "rows_scored_now": rows_now,
+         "shards_resumed": shards_resumed, "sequences_per_s": rows_now / wall if wall > 0 else float("inf")}
     if command == "score":
         s["mode"] = args.mode
     if getattr(args, "suppress_eos", False):
         s["suppressed_eos"] = eos_ids(parts.model)
-    n_exact = int(cols["exact"].sum())
-    s.update(n_exact=n_exact, pct_exact=100.0 * n_exact / max(1, n))
-    if "fractional" in cols:
-        s["mean_fractional"] = float(cols["fractional"].double().mean())
-    if "fractional_tf" in cols:
-        s["mean_fractional_teacher_forced"] = float(cols["fractional_tf"].double().mean())
-    if "nll" in cols:
-        s["mean_nll"] = float(cols["nll"].double().mean())
-    if "verified" in cols:
-        s["n_verified"] = int(cols["verified"].sum())
-        s["n_disagree"] = int(cols["disagree"].sum())
-        s["disagree"] = cols["disagree"].nonzero().reshape(-1).tolist()
     return s
 
 
-def _write_outputs(out: str, command: str, cols: dict, summary: dict) -> None:
-    os.makedirs(out, exist_ok=True)
-    names = list(cols)
-    lists = {c: cols[c].tolist() for c in names}
-
-    def rows(f):
-        for i in range(summary["n"]):
-            rec = {"index": i}
-            for c in names:
-                rec[c] = lists[c][i]
-            f.write(json.dumps(rec) + "\n")
-
-    atomic.write_text(os.path.join(out, f"{command}.jsonl"), rows)
-    atomic.write_text(os.path.join(out, "summary.json"), lambda f: json.dump(summary, f, indent=1))
+def _manifest_model(args) -> str:
+    return args.model if not os.path.isdir(os.path.expanduser(args.model)) else os.path.abspath(args.model)
 
 
 def score_checkpoints_command(args: argparse.Namespace) -> int:
-    from ..eval.checkpoints import expand_checkpoints, score_checkpoints, write_outputs
+    from ..eval.checkpoints import expand_checkpoints, score_checkpoints
 
     try:
         cks = expand_checkpoints(([args.model] if args.model else []) + args.checkpoints)
-        tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        ids = to_matrix(load_sequences(args.input, tok), args.prefix_len + args.suffix_len)
+        src, _ = _open_input(args, args.prefix_len + args.suffix_len)
+        ids = src.read(0, len(src))
         records = score_checkpoints(cks, ids, args.prefix_len, args.suffix_len, dtype=args.dtype,
                                     device=args.device, batch_size=args.batch_size, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
         print(f"tinymem score: {exc}", file=sys.stderr)
         return 2
-    paths = write_outputs(records, args.out)
+    _report_over_training(records, args.out)
+    return 0
+
+
+def _report_over_training(records: list[dict], out: str) -> None:
+    from ..eval.checkpoints import write_outputs
+
+    paths = write_outputs(records, out)
     for r in records:
         print(f"step {r['step']}: {r['n_exact']}/{r['n']} exact ({r['pct_exact']:.2f}%)")
     print(f"results in {paths['jsonl']}, plot {paths['png']}")
+
+
+def parse_revisions(text: str) -> list[str]:
+    """``step1000,step2000`` or a range ``step1000:step5000:1000`` (both ends included)."""
+    import re
+
+    m = re.fullmatch(r"\s*([A-Za-z_-]*)(\d+):([A-Za-z_-]*)(\d+):(\d+)\s*", text)
+    if m:
+        pre, a, pre2, b, stride = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+        if pre != pre2 or stride < 1 or b < a:
+            raise ScoringInputError(f"--revisions {text!r}: a range is PREFIX<start>:PREFIX<end>:<stride> "
+                                    "with start <= end, e.g. step1000:step143000:1000")
+        return [f"{pre}{s}" for s in range(a, b + 1, stride)]
+    revs = [r.strip() for r in text.split(",") if r.strip()]
+    if not revs:
+        raise ScoringInputError("--revisions names no revision")
+    return list(dict.fromkeys(revs))
+
+
+def score_revisions_command(args: argparse.Namespace) -> int:
+    """The same rows under each revision of a hub model: one full result set per revision in
+    ``OUT/<revision>/`` (each resumable), then memorization over training as for --checkpoints."""
+    import copy
+
+    from ..eval.checkpoints import STEP_RE
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        revisions = parse_revisions(args.revisions)
+        if os.path.isdir(os.path.expanduser(args.model)):
+            raise ScoringInputError(f"{args.model!r} is a local folder: --revisions applies to hub model ids "
+                                    "(score local checkpoints with --checkpoints)")
+    except ScoringInputError as exc:
+        print(f"tinymem {args.command}: {exc}", file=sys.stderr)
+        return 2
+    ctx = dist_.init_from_env(args.device)  # one process group for every revision
+    records = []
+    try:
+        for rev in revisions:
+            sub = copy.copy(args)
+            sub.revision, sub.out = rev, os.path.join(args.out, rev)
+            s = run_command(sub, args.command)
+            if s is None:
+                continue
+            m = STEP_RE.search(rev)
+            records.append({"step": int(m.group(1)) if m else None, "revision": rev,
+                            "checkpoint": f"{args.model}@{rev}", "n": s["n"], "n_exact": s["n_exact"],
+                            "pct_exact": s["pct_exact"],
+                            "mean_matched_frac": s.get("mean_fractional_teacher_forced",
+                                                       s.get("mean_fractional", 0.0)),
+                            "seconds": s["seconds"]})
+    except (ValueError, FileNotFoundError) as exc:
+        if rank0:
+            print(f"tinymem {args.command}: {exc}", file=sys.stderr)
+        dist_.finish(ctx, barrier=False)
+        return 2
+    dist_.finish(ctx)
+    if rank0:
+        _report_over_training(records, args.out)
     return 0
 
 
@@ -149,6 +250,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     log_to_stderr()
     if getattr(args, "checkpoints", None):
         return score_checkpoints_command(args)
+    if getattr(args, "revisions", None):
+        return score_revisions_command(args)
     if not args.model:
         print(f"tinymem {args.command}: give a model folder (or --checkpoints DIR...)", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "yaml": ("pyyaml", "yaml"),
     "accelerate": ("accelerate", "accelerate"),
     "datasets": ("datasets", "datasets"),
+    "pyarrow": ("pyarrow", "datasets"),
     "triton": ("triton", "gpu"),
 }
 

@@ -80,6 +80,11 @@ def agree_on_work(ctx: DistContext, failure: BaseException | None, work: torch.T
         raise error("; ".join(failed))
 
 
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
 def finish(ctx: DistContext, barrier: bool = True) -> None:
     if ctx.initialized_here and dist.is_initialized():
         if barrier:

@@ -10,6 +10,7 @@ import torch
 
 from ..integrations.loading import first_line as _first_line
 from .scoring import ScoringInputError, split_causal_lm
+from .sources import _line_ids
 
 
 def check_tokenizer(tokenizer, model, name: str = "the tokenizer") -> None:
@@ -19,26 +20,6 @@ def check_tokenizer(tokenizer, model, name: str = "the tokenizer") -> None:
     if len(tokenizer) > vocab:
         raise ScoringInputError(f"tokenizer {name!r} has {len(tokenizer)} tokens but the model's vocabulary "
                                 f"has {vocab}: they do not belong together")
-
-
-def _line_ids(obj, lineno: int, path: str, tokenizer) -> list[int]:
-    where = f"{path}:{lineno}"
-    if not isinstance(obj, dict) or not (("ids" in obj) ^ ("text" in obj)):
-        raise ScoringInputError(f"{where}: expected an object with exactly one of \"ids\" or \"text\"")
-    if "ids" in obj:
-        seq = obj["ids"]
-        if not isinstance(seq, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq):
-            raise ScoringInputError(f"{where}: \"ids\" must be a list of integers")
-        bad = next((t for t in seq if not 0 <= t < 2**63), None)
-        if bad is not None:
-            raise ScoringInputError(f"{where}: token id {bad} is not a vocabulary index (0 <= id < 2**63)")
-        return seq
-    if not isinstance(obj["text"], str):
-        raise ScoringInputError(f"{where}: \"text\" must be a string")
-    if tokenizer is None:
-        raise ScoringInputError(f"{where}: a \"text\" line needs a tokenizer (--tokenizer DIR)")
-    # no BOS or other special tokens: the ids are the text's own tokens (SPEC 4.4)
-    return list(tokenizer(obj["text"], add_special_tokens=False)["input_ids"])
 
 
 def load_sequences(path: str, tokenizer=None) -> list[list[int]] | torch.Tensor:
@@ -64,7 +45,7 @@ def load_sequences(path: str, tokenizer=None) -> list[list[int]] | torch.Tensor:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ScoringInputError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-                out.append(_line_ids(obj, lineno, path, tokenizer))
+                out.append(_line_ids(obj, f"{path}:{lineno}", tokenizer))
         if not out:
             raise ScoringInputError(f"{path}: empty input (no sequences)")
         return out

@@ -1,7 +1,8 @@
-"""Loading a local Hugging Face causal LM folder, once, for every layer: the model must be causal (no
-encoder whose prediction at position t sees later tokens) and all of its weights must come from the
-checkpoint (transformers would initialise missing ones at random and carry on). Never remote code,
-never a pickle that holds more than tensors."""
+"""Loading a Hugging Face causal LM, once, for every layer: a local folder or a hub model id at a revision
+(resolved to its snapshot folder in the Hugging Face cache, downloaded unless downloads are off). The
+model must be causal (no encoder whose prediction at position t sees later tokens) and all of its
+weights must come from the checkpoint (transformers would initialise missing ones at random and carry
+on). Never remote code, never a pickle that holds more than tensors."""
 
 from __future__ import annotations
 
@@ -29,9 +30,71 @@ def first_line(exc: BaseException) -> str:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# what a snapshot needs for loading and scoring (weights: safetensors first, pickles only when a
+# revision has nothing else)
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+PICKLED_WEIGHTS = ["pytorch_model*.bin"]
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` or ``name`` (what the hub accepts), not a path a user meant as a folder."""
+    return bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1 \
+        and not name.endswith("/") and "\\" not in name
+
+
+def resolve_model(name: str, revision: str | None = None, *, local_files_only: bool | None = None,
+                  cache_dir: str | None = None) -> str:
+    """A local folder for ``name``: the folder itself, or the snapshot folder of a Hugging Face hub model
+    id at ``revision`` (a branch, tag or commit; Pythia's checkpoints along training are revisions such
+    as ``step143000``). The hub is asked only when ``local_files_only`` is false and ``HF_HUB_OFFLINE`` is
+    not set; otherwise the cache alone answers. Nothing is changed process-wide."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if revision:
+            raise ModelFolderError(f"{name!r} is a local folder: --revision applies to hub model ids")
+        return path
+    if not looks_like_hub_id(name):
+        raise FileNotFoundError(f"model folder {name!r} does not exist")
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    offline = bool(local_files_only) or _env_true("HF_HUB_OFFLINE")
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        folder = snapshot_download(name, revision=revision, local_files_only=offline, cache_dir=cache_dir,
+                                   allow_patterns=SNAPSHOT_FILES)
+        if not offline and not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+            folder = snapshot_download(name, revision=revision, cache_dir=cache_dir,
+                                       allow_patterns=SNAPSHOT_FILES + PICKLED_WEIGHTS)
+    except hub_errors.HFValidationError:
+        raise FileNotFoundError(f"{name!r} is neither a model folder nor a hub model id") from None
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled):
+        why = "--local-files-only" if local_files_only else "HF_HUB_OFFLINE is set" if offline else \
+            "the hub cannot be reached"
+        raise ModelFolderError(f"{name!r}{at} is not a local folder and not in the Hugging Face cache, and "
+                               f"nothing can be downloaded ({why})") from None
+    except hub_errors.RevisionNotFoundError:
+        raise ModelFolderError(f"{name!r} has no revision {revision!r}") from None
+    except hub_errors.GatedRepoError:
+        raise ModelFolderError(f"{name!r} is gated: accept its terms on the hub and log in "
+                               "(huggingface-cli login)") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise ModelFolderError(f"no hub model {name!r} (or it is private: log in first)") from None
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ModelFolderError(f"{name!r}{at}: its snapshot in the cache ({folder}) has no config.json "
+                               "(an incomplete download? run again with downloads on)")
+    return folder
+
+
 def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str | None = None,
-                   device_map: str | dict | None = None):
-    """A local Hugging Face causal LM folder (``trust_remote_code=False``), in eval mode.
+                   device_map: str | dict | None = None, *, revision: str | None = None,
+                   local_files_only: bool | None = None):
+    """A Hugging Face causal LM (``trust_remote_code=False``), in eval mode: a local folder, or a hub model
+    id at ``revision`` (see :func:`resolve_model`).
 
     ``device_map`` (e.g. ``"auto"``) shards the model with accelerate; results are then collected on the
     head's device.
@@ -42,8 +105,9 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str 
         if dtype not in DTYPES:
             raise ModelFolderError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    if device_map is not None:
+        require("accelerate", f"device_map={device_map!r}")  # before a possibly long download
+    path = resolve_model(path, revision, local_files_only=local_files_only)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ModelFolderError(f"{path!r} is not a Hugging Face model folder (no config.json)")
     try:
@@ -56,7 +120,6 @@ def load_causal_lm(path: str, dtype: str | torch.dtype = "float32", device: str 
 
     kw = {}
     if device_map is not None:
-        require("accelerate", f"device_map={device_map!r}")
         kw["device_map"] = device_map
     # transformers < 4.56 names the argument torch_dtype
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
