@@ -20,6 +20,7 @@ SUITES = {
     "scoring": "bench.pipelines.scoring",
     "regularizers": "bench.pipelines.regularizers",
     "unlearning": "bench.pipelines.unlearning",
+    "streaming": "bench.pipelines.streaming",
     "tinymem_quick": "bench.experiments.tinymem_quick",
     "unlearning_quick": "bench.experiments.unlearning_quick",
     "method_baselines": "bench.experiments.method_baselines",
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     # the suites' knobs (each also readable from the environment variable in brackets, for pytest-benchmark)
     k = p.add_argument_group("suite settings")
     k.add_argument("--smoke", action="store_true",
-                   help="scoring, unlearning: tiny sizes, to check that the suites run [BENCH_SMOKE=1]")
+                   help="scoring, unlearning, streaming: small sizes, to check that the suites run "
+                        "[BENCH_SMOKE=1]")
     k.add_argument("--small", action="store_true",
                    help="memscore, masked_subnet (pytest): small shapes [BENCH_SMALL=1]")
     k.add_argument("--quick-model", metavar="RUN_DIR",

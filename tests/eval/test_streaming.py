@@ -66,6 +66,8 @@ def test_shards_merge_to_the_in_memory_result(inputs, tmp_path):
     assert s["n"] == 24 and s["n_exact"] == 8 and s["rows_scored_now"] == 24
     assert s["mean_fractional"] == pytest.approx(float(ext.matched.double().mean() / K))
     assert not (tmp_path / "s" / "shards").exists()  # merged, then removed
+    memorized = (tmp_path / "s" / "memorized_index.txt").read_text().split()
+    assert memorized == [str(i) for i in range(24) if ref.exact[i]]
 
 
 def test_row_selection_keeps_input_row_numbers(inputs, tmp_path):
@@ -180,12 +182,12 @@ def test_two_ranks_resume_a_single_process_run(inputs, tmp_path, monkeypatch):
 # --- hub ids and revisions, from a cache laid out here ------------------------------------------------
 
 
-def _hub_cache(root, model, repo="org/tiny", revisions=("step1000", "step2000")):
+def _hub_cache(root, model, repo="org/tiny", revisions=("step1000", "step2000"), first_commit=1):
     """The layout huggingface_hub reads offline: refs/<revision> holds a commit hash, snapshots/<hash>
     the files."""
     base = root / "hub" / f"models--{repo.replace('/', '--')}"
     for i, rev in enumerate(revisions):
-        commit = f"{i + 1:040x}"
+        commit = f"{i + first_commit:040x}"
         (base / "refs").mkdir(parents=True, exist_ok=True)
         (base / "refs" / rev).write_text(commit)
         model.save_pretrained(base / "snapshots" / commit)
@@ -219,3 +221,50 @@ def test_hub_id_at_a_revision_from_the_cache(inputs, tmp_path):
                        env=env, timeout=300)
     assert r.returncode == 2 and "'org/tiny' at revision 'step9' is not a local folder" in r.stderr, r.stderr
     shutil.rmtree(tmp_path / "o")
+
+
+def test_memorization_over_hub_revisions(inputs, tmp_path):
+    from scoring_models import tiny
+
+    from tinymem_fast.cli.score import parse_revisions
+
+    assert parse_revisions("step1000:step3000:1000") == ["step1000", "step2000", "step3000"]
+    assert parse_revisions("main, step5,main") == ["main", "step5"]
+    model, _, _ = planted("gpt_neox")
+    cache = _hub_cache(tmp_path, tiny("gpt_neox"), revisions=("step1000",))  # untrained: memorizes nothing
+    _hub_cache(tmp_path, model, revisions=("step2000",), first_commit=7)    # the planted model
+    env = {**ENV, "HF_HUB_CACHE": str(cache)}
+    out = tmp_path / "over"
+    args = ["score", "org/tiny", "--revisions", "step1000:step2000:1000", "--local-files-only", "--input",
+            str(inputs / "ids.npy"), "--prefix-len", str(P), "--suffix-len", str(K), "--quiet",
+            "--out", str(out)]
+    r = subprocess.run([sys.executable, "-m", "tinymem_fast", *args], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = _rows(out / "checkpoints.jsonl")
+    assert [(x["step"], x["revision"]) for x in recs] == [(1000, "step1000"), (2000, "step2000")]
+    assert recs[1]["n_exact"] == 8 and recs[0]["n_exact"] < 8
+    assert (out / "memorization_over_training.png").stat().st_size > 0
+    assert len(_rows(out / "step2000" / "score.jsonl")) == 24
+
+
+def test_auto_batch_halves_on_out_of_memory():
+    sizes = []
+
+    def fits_at_most_200(bs):
+        sizes.append(bs)
+        if bs > 200:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return bs
+
+    auto = streaming.AutoBatch("auto", "cuda:0")
+    assert auto.run(fits_at_most_200) == 128 and sizes == [1024, 512, 256, 128]
+    assert auto.run(fits_at_most_200) == 128 and sizes[-1] == 128  # the size that fit is kept
+    assert streaming.AutoBatch("auto", "cpu").size == 64
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        streaming.AutoBatch(512, "cuda:0").run(fits_at_most_200)  # a size the user chose is not changed
+
+
+def test_eleuther_protocol_sets_the_window(inputs, tmp_path, capsys):
+    assert main(["score", *_args(inputs, tmp_path / "e", "--protocol", "eleuther")]) == 2
+    assert "prefix_len + suffix_len = 64 is longer than the sequences (28 tokens)" in capsys.readouterr().err

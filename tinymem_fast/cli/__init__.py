@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--checkpoints", nargs="+", metavar="DIR",
                     help="score the input under each checkpoint (model folders, or a `tinymem train` run "
                          "folder for all of its checkpoints) and plot memorization over training")
+    sc.add_argument("--protocol", choices=("eleuther",),
+                    help="eleuther: EleutherAI's memorization evaluation of Pythia (prefix 32, "
+                         "continuation 32, greedy, per-row score = share of matched tokens; sets "
+                         "--prefix-len, --suffix-len and --mode); memorized_index.txt lists rows scoring 1")
     sc.add_argument("--revisions", metavar="REVS",
                     help="a hub id under each of these revisions (step1000,step2000 or a range "
                          "step1000:step143000:1000): one result set per revision in OUT/<revision>/, and "

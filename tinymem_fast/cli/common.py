@@ -45,6 +45,10 @@ def log_to_stderr(level: int = logging.WARNING, fmt: str = "%(levelname)s:%(name
     log.propagate = False
 
 
+def batch_size_arg(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -131,7 +135,9 @@ def add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
                     help="continue a killed run in --out (its finished shards are kept)")
     sp.add_argument("--prefix-len", type=int, default=50, help="prompt tokens (default 50)")
     sp.add_argument("--suffix-len", type=int, default=50, help="tokens to reproduce (default 50)")
-    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--batch-size", type=batch_size_arg, default="auto",
+                    help="rows per forward pass, or auto (default): 64 on a CPU; on a GPU the largest that "
+                         "fits, found by halving from 1024 on out-of-memory")
     sp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     sp.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     sp.add_argument("--device-map", help="shard the model with accelerate, e.g. auto")

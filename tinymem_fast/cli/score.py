@@ -70,8 +70,6 @@ def run_command(args, command: str) -> dict | None:
     try:
         if args.prefix_len < 1 or args.suffix_len < 1:
             raise ScoringInputError("--prefix-len and --suffix-len must be >= 1")
-        if args.batch_size < 1:
-            raise ScoringInputError("--batch-size must be >= 1")
         shard_rows = getattr(args, "shard_rows", None) or streaming.DEFAULT_SHARD_ROWS
         if shard_rows < 1:
             raise ScoringInputError("--shard-rows must be >= 1")
@@ -109,14 +107,16 @@ def run_command(args, command: str) -> dict | None:
     todo = [j for j in range(plan.count) if j not in done]
     mine = todo[ctx.rank::ctx.world_size]
 
+    batch = streaming.AutoBatch(args.batch_size, parts.head_device)
+
     def score(ids):
         validate_ids(ids, parts, need)
-        return score_for_mode(model, ids, args.prefix_len, args.suffix_len, command=command,
-                              mode=getattr(args, "mode", "fractional"), batch_size=args.batch_size,
-                              verify=getattr(args, "verify", False), need_nll=getattr(args, "nll", False),
-                              stop_on_mismatch=getattr(args, "stop_on_mismatch", False), backend=args.backend,
-                              exact_only=getattr(args, "exact_only", False), progress=False,
-                              suppress_ids=suppress)
+        return batch.run(lambda bs: score_for_mode(
+            model, ids, args.prefix_len, args.suffix_len, command=command,
+            mode=getattr(args, "mode", "fractional"), batch_size=bs, verify=getattr(args, "verify", False),
+            need_nll=getattr(args, "nll", False), stop_on_mismatch=getattr(args, "stop_on_mismatch", False),
+            backend=args.backend, exact_only=getattr(args, "exact_only", False), progress=False,
+            suppress_ids=suppress))
 
     t0 = time.perf_counter()
     failure = None
@@ -139,6 +139,7 @@ def run_command(args, command: str) -> dict | None:
         rows_now = sum(plan.bounds(j)[1] - plan.bounds(j)[0] for j in todo)
         summary = streaming.merge(args.out, command, plan,
                                   _summary(args, command, source, wall, rows_now, len(done), parts, ctx))
+        summary["batch_size_used"] = batch.size
     dist_.finish(ctx)
     return summary
 
@@ -168,8 +169,9 @@ def score_checkpoints_command(args: argparse.Namespace) -> int:
         cks = expand_checkpoints(([args.model] if args.model else []) + args.checkpoints)
         src, _ = _open_input(args, args.prefix_len + args.suffix_len)
         ids = src.read(0, len(src))
+        bs = streaming.AutoBatch(args.batch_size, args.device or "cpu").size
         records = score_checkpoints(cks, ids, args.prefix_len, args.suffix_len, dtype=args.dtype,
-                                    device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+                                    device=args.device, batch_size=bs, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
         print(f"tinymem score: {exc}", file=sys.stderr)
         return 2
@@ -246,8 +248,14 @@ def score_revisions_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# named settings of well-known evaluations
+PROTOCOLS = {"eleuther": {"prefix_len": 32, "suffix_len": 32, "mode": "fractional"}}
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     log_to_stderr()
+    for key, value in PROTOCOLS.get(getattr(args, "protocol", None) or "", {}).items():
+        setattr(args, key, value)
     if getattr(args, "checkpoints", None):
         return score_checkpoints_command(args)
     if getattr(args, "revisions", None):

@@ -19,6 +19,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -30,6 +31,7 @@ import torch
 from ..common import atomic
 from .scoring import ScoringInputError
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 # rows per shard: what a kill can cost, and the unit of work per rank; small enough that a resumed run
@@ -100,11 +102,36 @@ def claim(out: str, manifest: dict, resume: bool) -> None:
         os.makedirs(shards, exist_ok=True)
         return
     shutil.rmtree(shards, ignore_errors=True)
-    for name in (f"{manifest['command']}.jsonl", "summary.json"):
+    for name in (f"{manifest['command']}.jsonl", "summary.json", "memorized_index.txt"):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     os.makedirs(shards, exist_ok=True)
     atomic.write_json(os.path.join(out, MANIFEST), manifest)
+
+
+class AutoBatch:
+    """The batch size of a run: a number, or ``auto`` -- 64 on a CPU (where larger batches gain nothing);
+    on a GPU start at 1024 and halve whenever a shard runs out of memory, keeping the size that fit for
+    the shards after it. Results do not depend on the batch size, so a resumed run may use another."""
+
+    CPU, GPU_START = 64, 1024
+
+    def __init__(self, requested: int | str, device):
+        self.auto = requested == "auto"
+        on_gpu = torch.device(device).type == "cuda"
+        self.size = (self.GPU_START if on_gpu else self.CPU) if self.auto else int(requested)
+
+    def run(self, fn):
+        """``fn(batch_size)``, retried at half the size on out-of-memory (``auto`` only)."""
+        while True:
+            try:
+                return fn(self.size)
+            except torch.cuda.OutOfMemoryError:
+                if not self.auto or self.size == 1:
+                    raise
+                self.size //= 2
+                torch.cuda.empty_cache()
+                log.info("out of memory: batch size %d from now on", self.size)
 
 
 # --- one shard ---------------------------------------------------------------------------------------
@@ -120,6 +147,7 @@ def shard_stats(cols: dict[str, torch.Tensor], index: torch.Tensor) -> dict:
     if "verified" in cols:
         s["n_verified"] = int(cols["verified"].sum())
         s["disagree"] = index[cols["disagree"].bool()].tolist()
+    s["exact_rows"] = index[cols["exact"].bool()].tolist()
     return s
 
 
@@ -193,10 +221,12 @@ def merge(out: str, command: str, plan: ShardPlan, summary: dict) -> dict:
         raise RuntimeError(f"cannot merge {out}: shards {missing[:5]} are not done")
     totals: dict = {"n": 0, "n_exact": 0}
     disagree: list[int] = []
+    exact_rows: list[int] = []
     for j in range(plan.count):
         with open(shard_path(out, command, j, "json")) as f:
             s = json.load(f)
         disagree += s.pop("disagree", [])
+        exact_rows += s.pop("exact_rows", [])
         for k, v in s.items():
             totals[k] = totals.get(k, 0) + v
 
@@ -215,6 +245,10 @@ def merge(out: str, command: str, plan: ShardPlan, summary: dict) -> dict:
             summary[name] = totals[key] / max(1, n)
     if "n_verified" in totals:
         summary.update(n_verified=totals["n_verified"], n_disagree=len(disagree), disagree=disagree)
+    # the input rows memorized exactly, one per line: a --row-index for the next command (unlearning them,
+    # scoring them under other checkpoints)
+    atomic.write_text(os.path.join(out, "memorized_index.txt"),
+                      lambda f: f.writelines(f"{r}\n" for r in exact_rows))
     atomic.write_json(os.path.join(out, "summary.json"), summary)
     shutil.rmtree(os.path.join(out, SHARDS), ignore_errors=True)
     return summary

@@ -13,6 +13,7 @@ run record exactly which tokenizer produced its token ids.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -206,14 +207,22 @@ def _file_lines(paths: Sequence[str]) -> Iterator[str]:
 
 
 def _import_datasets():
-    # Keep `datasets` optional and make sure it never reaches for the network.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    datasets = require("datasets", "the corpus sources 'hf_disk' and 'hf_cache'")
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # in case it was imported before we set them
-        if hasattr(datasets.config, name):
-            setattr(datasets.config, name, True)
-    return datasets
+    return require("datasets", "the corpus sources 'hf_disk' and 'hf_cache'")
+
+
+@contextlib.contextmanager
+def _cache_only(datasets):
+    """``hf_cache`` means the local cache: datasets never reaches for the network during this load, and
+    its settings are restored afterwards (nothing changes process-wide, e.g. for a user's own loads)."""
+    names = [n for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(datasets.config, n)]
+    saved = {n: getattr(datasets.config, n) for n in names}
+    for n in names:
+        setattr(datasets.config, n, True)
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(datasets.config, n, v)
 
 
 def _hf_lines(spec: CorpusSpec) -> tuple[list[str], list[str]]:
@@ -230,7 +239,8 @@ def _hf_lines(spec: CorpusSpec) -> tuple[list[str], list[str]]:
     else:
         what = spec.hf_name + (f"/{spec.hf_config}" if spec.hf_config else "")
         try:
-            ds = datasets.load_dataset(spec.hf_name, spec.hf_config)
+            with _cache_only(datasets):
+                ds = datasets.load_dataset(spec.hf_name, spec.hf_config)
         except Exception as e:  # noqa: BLE001 - offline, the usual failure is "not in the cache"
             raise ValueError(f"HF dataset {what} is not available offline in the local cache "
                              f"({first_line(e)})") from None
