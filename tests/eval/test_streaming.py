@@ -268,3 +268,53 @@ def test_auto_batch_halves_on_out_of_memory():
 def test_eleuther_protocol_sets_the_window(inputs, tmp_path, capsys):
     assert main(["score", *_args(inputs, tmp_path / "e", "--protocol", "eleuther")]) == 2
     assert "prefix_len + suffix_len = 64 is longer than the sequences (28 tokens)" in capsys.readouterr().err
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant at once (torchrun starts its workers in their own process
+    group, so killing the agent's group alone would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    todo, tree = [pid], []
+    while todo:
+        q = todo.pop()
+        tree.append(q)
+        todo += children.get(q, [])
+    for q in tree:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_two_ranks_sigkilled_then_resumed(inputs, tmp_path):
+    """The whole torchrun job (agent and both ranks) dies at once, as on a lost node; resuming on 2 ranks
+    ends byte-identical to an uninterrupted single-process run."""
+    extra = ["--shard-rows", "16"]
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    assert main(["extract", *_args(inputs, whole, *extra, input_name="big.npy")]) == 0
+    plan = streaming.ShardPlan(624, 16)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "tinymem_fast", "extract", *_args(inputs, out, *extra, input_name="big.npy")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=tmp_path)
+    deadline = time.time() + 180
+    while p.poll() is None and time.time() < deadline and \
+            len(streaming.done_shards(str(out), "extract", plan)) < 4:
+        time.sleep(0.05)
+    killed = p.poll() is None
+    if killed:
+        _kill_tree(p.pid)
+    p.wait(timeout=60)
+    done = len(streaming.done_shards(str(out), "extract", plan))
+    assert killed and 4 <= done < plan.count, (killed, done)
+    r = _torchrun(["extract", *_args(inputs, out, *extra, "--resume", input_name="big.npy")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["shards_resumed"] == done
+    assert (out / "extract.jsonl").read_bytes() == (whole / "extract.jsonl").read_bytes()
