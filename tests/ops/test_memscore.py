@@ -1,7 +1,15 @@
-"""memscore ops on the CPU: the torch reference against the naive full-logits oracle, the cpp backend
-(every instruction-set variant this CPU has) against the reference, reductions, ties, early exit,
-lm_head_argmax and input validation. (Triton: test_memscore_triton.py; CUDA: test_memscore_cuda.py.)"""
+"""memscore ops on every backend (torch, cpp, triton, cuda): the torch reference against the naive
+full-logits oracle, the fast backends against the reference (the cpp one at every instruction-set level
+this CPU has), the Triton kernels with their own tiling knobs, reductions, ties, early exit,
+lm_head_argmax and input validation.
 
+The backend is a test parameter. Without a GPU the Triton kernels run in the interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1): small shapes only, no bfloat16. The cuda backend and
+GPU-sized cases carry the ``cuda`` marker and skip without a GPU. Near-tie tolerances come from
+tests/memscore_checks.py.
+"""
+
+import itertools
 import math
 import subprocess
 import sys
@@ -21,6 +29,7 @@ from memscore_checks import (
     random_problem,
 )
 
+from tinymem_fast.ops import registry
 from tinymem_fast.ops.memscore import (
     ExampleScores,
     TokenScores,
@@ -28,17 +37,106 @@ from tinymem_fast.ops.memscore import (
     memscore,
     memscore_examples,
     reduce_scores,
+    scores_torch,
 )
+
+# --- backends, devices, cases ---------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+# where each backend's tensors live; Triton without a GPU means the interpreter on CPU tensors
+DEVICES = {"torch": "cpu", "cpp": "cpu", "triton": "cuda" if CUDA else "cpu", "cuda": "cuda"}
+_NO_CUDA_BACKEND = registry.unavailable_reason("cuda", torch.device("cuda")) if CUDA else "no CUDA device"
+needs_cuda_backend = pytest.mark.skipif(bool(_NO_CUDA_BACKEND), reason=f"cuda backend: {_NO_CUDA_BACKEND}")
+BACKEND_MARKS = {"cuda": (pytest.mark.cuda, needs_cuda_backend)}
+_Param = type(pytest.param(None))
+
+
+def gpu_only(value):
+    """A case value too large for the CPU (or the Triton interpreter): runs on a GPU only."""
+    return pytest.param(value, marks=pytest.mark.cuda)
+
+
+GPU_BACKENDS = ["cuda", gpu_only("triton")]
+
+
+def _id(v) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    if isinstance(v, tuple):
+        return "x".join(map(str, v))
+    return str(v)
+
+
+def cases(backends, *axes) -> list:
+    """backend x axes as pytest.params; a backend's marks, and those of values given as pytest.param
+    (gpu_only), go with every combination they are in. None values stay out of the ids."""
+    out = []
+    for combo in itertools.product(backends, *axes):
+        values, marks = [], []
+        for v in combo:
+            if isinstance(v, _Param):
+                marks += v.marks
+                v = v.values[0]
+            values.append(v)
+        marks += BACKEND_MARKS.get(values[0], ())
+        out.append(pytest.param(*values, marks=marks, id="-".join(_id(v) for v in values if v is not None)))
+    return out
+
+
+def triton_kernels():
+    pytest.importorskip("triton")
+    from tinymem_fast.kernels import memscore as tk
+
+    # @triton.jit picks the interpreter when it decorates: a module imported before conftest set
+    # TRITON_INTERPRET=1 holds real GPU kernels, which cannot run on CPU tensors
+    if not CUDA and type(tk._memscore_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("no CUDA GPU and the kernels were imported before TRITON_INTERPRET=1 was set")
+    return tk
+
+
+@pytest.fixture
+def tk():
+    return triton_kernels()
+
+
+def ready(backend: str, *dtypes) -> str:
+    """Skip unless ``backend`` runs here on ``dtypes``; -> the device its tensors go to."""
+    dev = DEVICES[backend]
+    if backend == "triton":
+        triton_kernels()
+        if dev == "cpu" and torch.bfloat16 in dtypes:
+            pytest.skip("the Triton interpreter's bfloat16 is broken: bf16 runs on a GPU only")
+    backend_or_skip(backend, dev)
+    return dev
+
+
+# --- problems -------------------------------------------------------------------------------------
 
 # (M tokens, d, V): odd everything, V below one SIMD vector (TinyMem math has V=14), V across many tiles
 SHAPES = [(1, 37, 13), (7, 16, 14), (37, 37, 1000), (130, 64, 777)]
+# the same on a GPU, plus the GPT-2 vocabulary with few tokens (vocab split across blocks) and many
+GPU_SHAPES = [(1, 37, 13), (7, 128, 14), (130, 64, 777), (3, 128, 50257), (2049, 512, 50257)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF = [torch.float16, torch.bfloat16]
 CHUNKS = [None, 7, 333]
+ISAS = [None, "avx2", "generic"]  # None: the level in force (this CPU's best, or the run's TINYMEM_CPU_ISA)
+
+
+def _chunks(dev: str, *chunks) -> tuple:
+    # explicit small chunks at GPU sizes would mean thousands of tiny tiles: GPU cases run the tiling the
+    # kernels choose (the Triton kernel tests below cover chunk and split in the interpreter too)
+    return (None, *chunks) if dev == "cpu" else (None,)
 
 
 def _flat_scores(h, w, b, y, backend, chunk=None, need_nll=True):
     s = memscore(h[None], w, y[None], bias=b, need_nll=need_nll, chunk_size=chunk, backend=backend)
     return s.match[0], s.nll[0]
+
+
+def _pruned(h, w, b, y, backend, chunk=None):
+    """The early-exit path (reachable through memscore_examples only), one example of all rows."""
+    return memscore_examples(h[None], w, y[None], bias=b, need_nll=False, early_exit=True, chunk_size=chunk,
+                             backend=backend)
 
 
 # --- the torch reference ------------------------------------------------------------------------
@@ -62,86 +160,171 @@ def test_reference_matches_naive(shape, dtype, bias):
         assert bool(match.any()) and not bool(match.all())  # the test sees hits and misses
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_nll_error_rule(dtype):
-    h, w, b, y = random_problem(64, 48, 500, dtype, bias=True, seed=5)
-    for backend in ("torch", backend_or_skip("cpp")):
-        assert_half_nll_rule(_flat_scores(h, w, b, y, backend)[1], h, w, b, y)
+# (m, d, V, seed): one problem size for the CPU, a small one for the interpreter, a large one for GPUs
+@pytest.mark.parametrize("backend,dtype,problem",
+                         cases(["torch", "cpp"], HALF, [(64, 48, 500, 5)])
+                         + cases(["triton"], HALF, [(40, 48, 300, 3)])
+                         + cases(GPU_BACKENDS, HALF, [(512, 256, 8000, 3)]))
+def test_half_precision_nll_error_rule(backend, dtype, problem):
+    dev = ready(backend, dtype)
+    m, d, v, seed = problem
+    h, w, b, y = random_problem(m, d, v, dtype, bias=True, seed=seed, device=dev)
+    assert_half_nll_rule(_flat_scores(h, w, b, y, backend)[1], h, w, b, y)
 
 
-# --- cpp against the reference -------------------------------------------------------------------
+# --- the fast backends against the reference -------------------------------------------------------
 
 
-@pytest.mark.parametrize("isa", [None, "avx2", "generic"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_cpp_matches_reference(shape, dtype, isa, monkeypatch):
-    backend_or_skip("cpp")
+@pytest.mark.parametrize("backend,shape,dtype,isa", cases(["cpp"], SHAPES, DTYPES, ISAS)
+                         + cases(GPU_BACKENDS, GPU_SHAPES, DTYPES, [None]))
+def test_matches_reference(backend, shape, dtype, isa, monkeypatch):
+    dev = ready(backend, dtype)
     isa_or_skip(isa, monkeypatch)
     m, d, v = shape
     for bias in (True, False):
-        h, w, b, y = random_problem(m, d, v, dtype, bias=bias, seed=3 * m + v)
+        h, w, b, y = random_problem(m, d, v, dtype, bias=bias, seed=3 * m + v, device=dev)
         lg = naive_logits(h, w, b)
         ref_match, ref_nll = _flat_scores(h, w, b, y, "torch")
         ref_arg = lm_head_argmax(h, w, bias=b, backend="torch")
-        for chunk in CHUNKS:
-            match, nll = _flat_scores(h, w, b, y, "cpp", chunk)
+        for chunk in _chunks(dev, *CHUNKS[1:]):
+            match, nll = _flat_scores(h, w, b, y, backend, chunk)
+            assert match.device == h.device and nll.dtype == torch.float32
             assert_match_close(match, ref_match, lg, y, dtype)
             assert_nll_close(nll, ref_nll, dtype)
-            no_nll_match, zeros = _flat_scores(h, w, b, y, "cpp", chunk, need_nll=False)
+            no_nll_match, zeros = _flat_scores(h, w, b, y, backend, chunk, need_nll=False)
             assert torch.equal(no_nll_match, match) and not zeros.any()
-            arg = lm_head_argmax(h, w, bias=b, chunk_size=chunk, backend="cpp")
-            assert arg.dtype == torch.int64 and arg.shape == (m,)
+            ex = _pruned(h, w, b, y, backend, chunk)
+            assert int(ex.matched[0]) == int(match.sum())
+            first = int((~match).long().argmax()) if not bool(match.all()) else m
+            assert int(ex.first_mismatch[0]) == first
+            arg = lm_head_argmax(h, w, bias=b, chunk_size=chunk, backend=backend)
+            assert arg.dtype == torch.int64 and arg.shape == (m,) and arg.device == h.device
             assert_argmax_close(arg, ref_arg, lg, dtype)
             assert torch.equal(arg == y, match)  # one argmax, whichever op asks
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_full_gpt2_vocab(dtype):
+@pytest.mark.parametrize("backend,dtype", cases(["torch", "cpp"], [torch.float32, torch.float16]))
+def test_full_gpt2_vocab(backend, dtype):
     """V = 50257 (GPT-2), few tokens: many vocab tiles, and the vocab split across threads."""
+    backend_or_skip(backend)
     h, w, b, y = random_problem(6, 64, 50257, dtype, bias=False, seed=11)
     arg, match, nll = naive_scores(h, w, b, y)
     lg = naive_logits(h, w, b)
-    for backend in ("torch", backend_or_skip("cpp")):
-        got_match, got_nll = _flat_scores(h, w, b, y, backend)
-        assert_match_close(got_match, match, lg, y, dtype)
-        assert_nll_close(got_nll, nll, dtype)
-        assert_argmax_close(lm_head_argmax(h, w, backend=backend), arg, lg, dtype)
+    got_match, got_nll = _flat_scores(h, w, b, y, backend)
+    assert_match_close(got_match, match, lg, y, dtype)
+    assert_nll_close(got_nll, nll, dtype)
+    assert_argmax_close(lm_head_argmax(h, w, backend=backend), arg, lg, dtype)
+
+
+@pytest.mark.parametrize("backend", cases(["cpp", "triton", "cuda"]))
+def test_public_api_matches_torch_backend(backend):
+    """Masked [B, T] inputs through memscore, memscore_examples (with and without early exit) and
+    lm_head_argmax on a strided slice."""
+    dev = ready(backend)
+    bsz, seq, d, v = 3, 5, 24, 300
+    h, w, b, y = random_problem(bsz * seq, d, v, torch.float32, bias=True, seed=7, hit_frac=0.7, device=dev)
+    h, y = h.view(bsz, seq, d), y.view(bsz, seq)
+    mask = (torch.rand(bsz, seq, generator=torch.Generator().manual_seed(0)) < 0.7).to(dev)
+    ref = memscore(h, w, y, bias=b, mask=mask, backend="torch")
+    got = memscore(h, w, y, bias=b, mask=mask, backend=backend)
+    lg = naive_logits(h.view(-1, d), w, b)
+    assert_match_close(got.match.view(-1), ref.match.view(-1), lg, y.view(-1), torch.float32)
+    assert_nll_close(got.nll, ref.nll, torch.float32)
+    ex = memscore_examples(h, w, y, bias=b, mask=mask, need_nll=False, early_exit=True, backend=backend)
+    ex_full = memscore_examples(h, w, y, bias=b, mask=mask, need_nll=False, backend=backend)
+    assert torch.equal(ex.matched, ex_full.matched) and torch.equal(ex.first_mismatch, ex_full.first_mismatch)
+    assert_argmax_close(lm_head_argmax(h[:, -1], w, bias=b, backend=backend),
+                        lm_head_argmax(h[:, -1], w, bias=b, backend="torch"),
+                        naive_logits(h[:, -1], w, b), torch.float32)
+
+
+# --- the Triton kernels' own knobs: vocab chunk and split ------------------------------------------
+
+TRITON_SHAPES = [(1, 37, 13), (37, 20, 1000), (70, 64, 777), gpu_only((3000, 256, 50257))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=_id)
+@pytest.mark.parametrize("chunk,split", [(0, None), (16, 3), (100, 1)])
+def test_triton_kernels_match_reference(tk, shape, dtype, chunk, split):
+    dev = ready("triton", dtype)
+    m, d, v = shape
+    for bias in (True, False):
+        h, w, b, y = random_problem(m, d, v, dtype, bias=bias, seed=m + v + bias, device=dev)
+        lg = naive_logits(h, w, b)
+        ref_arg, ref_nll = scores_torch(h, w, b, y, True, 0)
+        match, nll = tk.memscore(h, w, b, y, True, False, chunk, split)
+        assert match.dtype == torch.bool and nll.dtype == torch.float32 and match.shape == (m,)
+        assert_match_close(match, ref_arg == y, lg, y, dtype)
+        assert_nll_close(nll, ref_nll, dtype)
+        arg = tk.lm_head_argmax(h, w, b, chunk, split)
+        assert arg.dtype == torch.int64
+        assert_argmax_close(arg, ref_arg, lg, dtype)
+        pruned, zeros = tk.memscore(h, w, b, y, False, True, chunk, split)
+        assert torch.equal(pruned, match) and not zeros.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("v,chunk", [(13, 16), (200, 32), (1000, 64)])
+def test_triton_kernels_forced_ties_exact(tk, dtype, v, chunk):
+    dev = ready("triton", dtype)
+    h, w, b, y = quantised_problem(24, 16, v, dtype, bias=True, seed=v, chunk=chunk, device=dev)
+    arg, match, nll = naive_scores(h, w, b, y)
+    assert bool((~match).any()) and bool(match.any())
+    for split in (None, 2):
+        got, got_nll = tk.memscore(h, w, b, y, True, False, chunk, split)
+        assert torch.equal(got, match)
+        torch.testing.assert_close(got_nll, nll, atol=1e-5, rtol=1e-5)
+        assert torch.equal(tk.lm_head_argmax(h, w, b, chunk, split), arg)
+        pruned, _ = tk.memscore(h, w, b, y, False, True, chunk, split)
+        assert torch.equal(pruned, match)
+
+
+def test_triton_target_upper_bound_bounds_the_rounded_target_logit(tk):
+    for dtype in (torch.float32, torch.float16):
+        h, w, b, y = random_problem(200, 64, 50, dtype, bias=True, seed=1)
+        bound = tk.target_upper_bound(h, w, b, y)
+        exact = naive_logits(h, w, b).gather(1, y[:, None]).squeeze(1)
+        assert (bound >= exact).all()
+        # and barely above it (a worst-case float32 error bound, ~1e-4 relative here, or one fp16 ulp):
+        # only logits that close to the target escape pruning
+        rel = 2.0 ** -9 if dtype == torch.float16 else 1e-3
+        assert ((bound - exact) <= rel * exact.abs().clamp_min(1)).all()
 
 
 # --- exact cases: ties, early exit -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("v,chunk", [(13, 4), (200, 32), (1000, 333)])
-def test_forced_ties_lowest_index_wins(backend, dtype, v, chunk):
-    backend_or_skip(backend)
-    h, w, b, y = quantised_problem(24, 16, v, dtype, bias=True, seed=v, chunk=chunk)
+# (m, V, chunk): quantised problems, the best row duplicated within a chunk and a chunk further on
+@pytest.mark.parametrize("backend,dtype,problem",
+                         cases(["torch", "cpp"], DTYPES, [(24, 13, 4), (24, 200, 32), (24, 1000, 333)])
+                         + cases(GPU_BACKENDS, DTYPES, [(64, 13, 4), (64, 200, 64), (64, 5000, 64)]))
+def test_forced_ties_lowest_index_wins(backend, dtype, problem):
+    dev = ready(backend, dtype)
+    m, v, chunk = problem
+    h, w, b, y = quantised_problem(m, 16, v, dtype, bias=True, seed=v, chunk=chunk, device=dev)
     arg, match, nll = naive_scores(h, w, b, y)
-    n_tied_miss = int(((naive_logits(h, w, b).gather(1, y[:, None]).squeeze(1)
-                        == naive_logits(h, w, b).max(1).values) & ~match).sum())
+    lg = naive_logits(h, w, b)
+    n_tied_miss = int(((lg.gather(1, y[:, None]).squeeze(1) == lg.max(1).values) & ~match).sum())
     assert n_tied_miss > 0, "the problem must contain targets that tie the maximum at a higher index"
-    for c in (None, chunk):
+    for c in _chunks(dev, chunk):
         got_match, got_nll = _flat_scores(h, w, b, y, backend, c)
         assert torch.equal(got_match, match)  # exact logits: no tolerance
         torch.testing.assert_close(got_nll, nll, atol=1e-5, rtol=1e-5)
         assert torch.equal(lm_head_argmax(h, w, bias=b, chunk_size=c, backend=backend), arg)
-        ex = memscore_examples(h[None], w, y[None], bias=b, need_nll=False, early_exit=True, chunk_size=c,
-                               backend=backend)
-        assert int(ex.matched[0]) == int(match.sum())
+        assert int(_pruned(h, w, b, y, backend, c).matched[0]) == int(match.sum())
 
 
-@pytest.mark.parametrize("isa", [None, "avx2", "generic"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_early_exit_equals_full(dtype, isa, monkeypatch):
     backend_or_skip("cpp")
     isa_or_skip(isa, monkeypatch)
     g = torch.Generator().manual_seed(4)
     bsz, seq = 5, 9
-    cases = [random_problem(bsz * seq, 40, 2000, dtype, bias=True, seed=8, hit_frac=0.8),
-             quantised_problem(bsz * seq, 16, 2000, dtype, bias=True, seed=9, chunk=64)]
-    for h, w, b, y in cases:
+    problems = [random_problem(bsz * seq, 40, 2000, dtype, bias=True, seed=8, hit_frac=0.8),
+                quantised_problem(bsz * seq, 16, 2000, dtype, bias=True, seed=9, chunk=64)]
+    for h, w, b, y in problems:
         h, y = h.view(bsz, seq, -1), y.view(bsz, seq)
         mask = torch.rand(bsz, seq, generator=g) < 0.8
         mask[0] = True  # one fully scored row, which is mostly hits
@@ -154,6 +337,21 @@ def test_early_exit_equals_full(dtype, isa, monkeypatch):
                 assert torch.equal(getattr(pruned, f), getattr(full, f)), f
             assert torch.isnan(pruned.mean_nll).all()
         assert not bool(full.exact.all()) and int(full.matched.sum()) > 0  # both hits and misses
+
+
+@pytest.mark.parametrize("backend", cases(GPU_BACKENDS))
+def test_early_exit_equals_full_gpt2_vocab(backend):
+    dev = ready(backend)
+    bsz, seq, d, v = 16, 50, 128, 50257
+    h, w, b, y = random_problem(bsz * seq, d, v, torch.float16, bias=False, seed=9, hit_frac=0.9, device=dev)
+    h, y = h.view(bsz, seq, d), y.view(bsz, seq)
+    mask = torch.rand(bsz, seq, device=dev) < 0.9
+    full = memscore_examples(h, w, y, mask=mask, need_nll=False, backend=backend)
+    pruned = memscore_examples(h, w, y, mask=mask, need_nll=False, early_exit=True, backend=backend)
+    for f in ("exact", "first_mismatch", "matched"):
+        assert torch.equal(getattr(pruned, f), getattr(full, f)), f
+    ref = memscore_examples(h, w, y, mask=mask, need_nll=False, backend="torch")
+    assert (full.matched - ref.matched).abs().max() <= 2  # near-ties only
 
 
 def test_results_do_not_depend_on_batch():
@@ -236,7 +434,7 @@ def test_reduce_scores_counts_within_scored_positions():
 
 def test_dispatch_defaults_to_cpp_on_cpu():
     backend_or_skip("cpp")
-    from tinymem_fast.ops import OP_FAMILIES, registry
+    from tinymem_fast.ops import OP_FAMILIES
 
     assert "memscore" in OP_FAMILIES
     assert registry.select("memscore", "cpu") == "cpp"
@@ -253,7 +451,7 @@ def _ok():
 def test_bad_inputs_raise(backend):
     backend_or_skip(backend)
     h, w, y = _ok()
-    cases = [
+    checks = [
         (ValueError, "hidden must be", lambda: memscore(h[0], w, y, backend=backend)),
         (ValueError, "weight", lambda: memscore(h, w[None], y, backend=backend)),
         (ValueError, "d=8", lambda: memscore(h, torch.randn(10, 9), y, backend=backend)),
@@ -275,7 +473,7 @@ def test_bad_inputs_raise(backend):
         (ValueError, "early_exit", lambda: memscore_examples(h, w, y, early_exit=True, backend=backend)),
         (ValueError, "hidden must be", lambda: lm_head_argmax(h, w, backend=backend)),
     ]
-    for exc, msg, fn in cases:
+    for exc, msg, fn in checks:
         with pytest.raises(exc, match=msg):
             fn()
 
@@ -296,6 +494,24 @@ def test_cpp_op_checks_targets_itself():
     h, w = torch.randn(4, 8), torch.randn(10, 8)
     with pytest.raises(RuntimeError, match="id 12 at row 2"):
         torch.ops.tinymem.memscore(h, w, None, torch.tensor([0, 1, 12, 3]), True, False, 0)
+
+
+@pytest.mark.cuda
+@needs_cuda_backend
+def test_cuda_op_rejects_bad_input():
+    ops = torch.ops.tinymem
+    h, w = torch.randn(4, 8, device="cuda"), torch.randn(10, 8, device="cuda")
+    y = torch.zeros(4, dtype=torch.long, device="cuda")
+    with pytest.raises(RuntimeError, match="weight is"):
+        ops.memscore(h, w.half(), None, y, True, False, 0)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        ops.memscore(h, w.cpu(), None, y, True, False, 0)
+    with pytest.raises(RuntimeError, match="targets must be int64"):
+        ops.memscore(h, w, None, y.int(), True, False, 0)
+    with pytest.raises(RuntimeError, match="early_exit needs need_nll=false"):
+        ops.memscore(h, w, None, y, True, True, 0)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.lm_head_argmax(h, w, torch.randn(9, device="cuda"), 0)
 
 
 def test_compiled_ops_have_fake_implementations():

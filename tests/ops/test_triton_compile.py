@@ -9,15 +9,12 @@ compiled, and another test module may already have set it in this process.
 
 import importlib.util
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
 import inspect
@@ -26,10 +23,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 
-try:
-    from tinymem_fast.kernels import masked_subnet as tk
-except ImportError:
-    from kernels import masked_subnet as tk
+from tinymem_fast.kernels import masked_subnet as tk
 
 TARGET = GPUTarget("cuda", 90, 32)
 _PARAMS = inspect.signature(triton.compiler.ASTSource).parameters
@@ -99,7 +93,6 @@ print(f"compiled {done} kernel variants for sm_90")
 
 def test_masked_subnet_kernels_compile_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # really compile, never reuse a cached cubin
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
@@ -113,10 +106,7 @@ import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 
-try:
-    from tinymem_fast.kernels import memscore as tk
-except ImportError:
-    from kernels import memscore as tk
+from tinymem_fast.kernels import memscore as tk
 
 TARGET = GPUTarget("cuda", 90, 32)
 _PARAMS = inspect.signature(triton.compiler.ASTSource).parameters
@@ -147,7 +137,6 @@ print(f"compiled {done} memscore kernel variants for sm_90")
 
 def test_memscore_kernels_compile_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     proc = subprocess.run([sys.executable, "-c", _MEMSCORE_SCRIPT], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
