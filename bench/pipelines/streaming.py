@@ -1,7 +1,7 @@
 """Scoring at scale on a CPU: rows/s, peak memory against the number of rows, the cost of streaming and
 resuming, and byte-identical results after kills.
 
-A tiny random GPT-NeoX (2 layers, d=64, vocabulary 512) scores 64-token rows (32 + 32) with
+A tiny random GPT-NeoX (1 layer, d=32, vocabulary 512) scores 64-token rows (32 + 32) with
 ``tinymem score --mode exact --exact-only``, from a memory-mapped ``.npy`` and from a GPT-NeoX
 ``.bin``/``.idx`` pair (``--seq-len 64``), each run in a fresh process whose peak RSS is read from
 ``getrusage``.
@@ -42,8 +42,8 @@ def _model(path: str) -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=128, bos_token_id=None,
+    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, bos_token_id=None,
                         eos_token_id=None)
     GPTNeoXForCausalLM(cfg).save_pretrained(path)
 

@@ -318,3 +318,16 @@ def test_two_ranks_sigkilled_then_resumed(inputs, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["shards_resumed"] == done
     assert (out / "extract.jsonl").read_bytes() == (whole / "extract.jsonl").read_bytes()
+
+
+def test_parquet_output_equals_json_lines(inputs, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    extra = ["--shard-rows", "7", "--mode", "both"]
+    assert main(["score", *_args(inputs, tmp_path / "j", *extra)]) == 0
+    assert main(["score", *_args(inputs, tmp_path / "p", *extra, "--output-format", "parquet")]) == 0
+    folder = tmp_path / "p" / "score.parquet"
+    assert sorted(x.name for x in folder.iterdir()) == [f"part-{j:08d}.parquet" for j in range(4)]
+    table = pq.read_table(folder).to_pylist()
+    assert table == _rows(tmp_path / "j" / "score.jsonl")
+    s_p, s_j = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "pj")
+    assert s_p["n_exact"] == s_j["n_exact"] == 8 and s_p["mean_fractional"] == s_j["mean_fractional"]

@@ -131,6 +131,9 @@ def add_scoring_args(sp: argparse.ArgumentParser, out_default: str) -> None:
                     help="score only the rows a file lists (.npy of integers, or one index per line)")
     sp.add_argument("--shard-rows", type=positive_int, metavar="N",
                     help="rows per output shard, each written when done (default 4096)")
+    sp.add_argument("--output-format", choices=("jsonl", "parquet"), default="jsonl",
+                    help="per-row results as one JSON Lines file, or a folder of Parquet files (one per "
+                         "shard: typed, compressed, for big runs)")
     sp.add_argument("--resume", action="store_true",
                     help="continue a killed run in --out (its finished shards are kept)")
     sp.add_argument("--prefix-len", type=int, default=50, help="prompt tokens (default 50)")

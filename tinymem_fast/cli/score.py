@@ -12,6 +12,7 @@ import sys
 import time
 
 from ..common.devices import device_name
+from ..common.optional import require
 from ..eval import distributed as dist_
 from ..eval import streaming
 from ..eval.inputs import check_tokenizer, eos_ids
@@ -57,7 +58,8 @@ def _manifest(args, command: str, source, need: int, shard_rows: int) -> dict:
             "verify": getattr(args, "verify", "none"), "exact_only": getattr(args, "exact_only", False),
             "stop_on_mismatch": getattr(args, "stop_on_mismatch", False),
             "suppress_eos": getattr(args, "suppress_eos", False), "dtype": args.dtype,
-            "batch_size": args.batch_size, "shard_rows": shard_rows, "width": need}
+            "batch_size": args.batch_size, "shard_rows": shard_rows, "width": need,
+            "output_format": getattr(args, "output_format", "jsonl")}
 
 
 def run_command(args, command: str) -> dict | None:
@@ -76,7 +78,10 @@ def run_command(args, command: str) -> dict | None:
         need = args.prefix_len + args.suffix_len
         # the input first: a malformed file is reported before a possibly large model is loaded
         source, tok_dir = _open_input(args, need)
-        plan = streaming.ShardPlan(len(source), shard_rows)
+        fmt = getattr(args, "output_format", None) or "jsonl"
+        if fmt == "parquet":
+            require("pyarrow", "--output-format parquet")
+        plan = streaming.ShardPlan(len(source), shard_rows, fmt)
         manifest = _manifest(args, command, source, need, shard_rows)
         finished = streaming.check_resume(args.out, manifest, getattr(args, "resume", False))
         first = source.read(0, min(len(source), shard_rows))

@@ -39,10 +39,14 @@ SHARDS = "shards"
 DEFAULT_SHARD_ROWS = 4096
 
 
+FORMATS = ("jsonl", "parquet")
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     n: int
     rows: int  # per shard
+    fmt: str = "jsonl"  # of the rows: JSON Lines, or Parquet for big runs (columnar, typed, compressed)
 
     @property
     def count(self) -> int:
@@ -62,7 +66,7 @@ def done_shards(out: str, command: str, plan: ShardPlan) -> set[int]:
         return set()
     names = set(os.listdir(folder))
     return {j for j in range(plan.count)
-            if f"{command}-{j:08d}.jsonl" in names and f"{command}-{j:08d}.json" in names}
+            if f"{command}-{j:08d}.{plan.fmt}" in names and f"{command}-{j:08d}.json" in names}
 
 
 def check_resume(out: str, manifest: dict, resume: bool) -> dict | None:
@@ -105,6 +109,7 @@ def claim(out: str, manifest: dict, resume: bool) -> None:
     for name in (f"{manifest['command']}.jsonl", "summary.json", "memorized_index.txt"):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, f"{manifest['command']}.parquet"), ignore_errors=True)
     os.makedirs(shards, exist_ok=True)
     atomic.write_json(os.path.join(out, MANIFEST), manifest)
 
@@ -151,14 +156,18 @@ def shard_stats(cols: dict[str, torch.Tensor], index: torch.Tensor) -> dict:
     return s
 
 
-def write_shard(out: str, command: str, j: int, cols: dict[str, torch.Tensor], index: torch.Tensor) -> dict:
-    """Rows as JSON objects ``{"index": input row, column: value, ...}``; the sums first, the rows last, so a
-    ``.jsonl`` shard on disk always has its sums beside it."""
+def write_shard(out: str, command: str, j: int, cols: dict[str, torch.Tensor], index: torch.Tensor,
+                fmt: str = "jsonl") -> dict:
+    """Rows as JSON objects ``{"index": input row, column: value, ...}`` (or a Parquet table of the same
+    columns); the sums first, the rows last, so a shard's rows on disk always have their sums beside it."""
     names = list(cols)
     lists = {c: cols[c].tolist() for c in names}
     idx = index.tolist()
     stats = shard_stats(cols, index)
     atomic.write_json(shard_path(out, command, j, "json"), stats)
+    if fmt == "parquet":
+        _write_parquet(shard_path(out, command, j, "parquet"), {"index": idx, **lists})
+        return stats
 
     def rows(f):
         for i, r in enumerate(idx):
@@ -169,6 +178,15 @@ def write_shard(out: str, command: str, j: int, cols: dict[str, torch.Tensor], i
 
     atomic.write_text(shard_path(out, command, j), rows)
     return stats
+
+
+def _write_parquet(path: str, columns: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, path)
 
 
 # --- all shards --------------------------------------------------------------------------------------
@@ -200,7 +218,7 @@ def score_shards(source, todo: list[int], plan: ShardPlan, score, out: str, comm
             t = time.perf_counter()
             cols = score(ids)
             index = torch.as_tensor(_source_rows(source, lo, hi))
-            write_shard(out, command, j, cols, index)
+            write_shard(out, command, j, cols, index, plan.fmt)
             if on_shard is not None:
                 on_shard(j, lo, hi, time.perf_counter() - t)
             bar.update(hi - lo)
@@ -230,12 +248,18 @@ def merge(out: str, command: str, plan: ShardPlan, summary: dict) -> dict:
         for k, v in s.items():
             totals[k] = totals.get(k, 0) + v
 
-    def concat(f):
-        for j in range(plan.count):
-            with open(shard_path(out, command, j), encoding="utf-8") as src:
-                shutil.copyfileobj(src, f, 1 << 20)
+    if plan.fmt == "parquet":
+        # the shards are the result: a Parquet dataset folder, one file per shard in row order
+        with atomic.folder(os.path.join(out, f"{command}.parquet")) as tmp:
+            for j in range(plan.count):
+                os.replace(shard_path(out, command, j, "parquet"), os.path.join(tmp, f"part-{j:08d}.parquet"))
+    else:
+        def concat(f):
+            for j in range(plan.count):
+                with open(shard_path(out, command, j), encoding="utf-8") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
 
-    atomic.write_text(os.path.join(out, f"{command}.jsonl"), concat)
+        atomic.write_text(os.path.join(out, f"{command}.jsonl"), concat)
     n = totals["n"]
     summary = {**summary, "n": n, "n_exact": totals["n_exact"],
                "pct_exact": 100.0 * totals["n_exact"] / max(1, n)}
