@@ -19,6 +19,7 @@ A :class:`RowSource` knows how many rows it has and returns any contiguous block
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 
@@ -66,6 +67,18 @@ class RowSource:
 def _too_short(path: str, row, have: int, width: int) -> ScoringInputError:
     return ScoringInputError(f"{path}: row {row} has {have} tokens, fewer than prefix_len + suffix_len = "
                              f"{width}")
+
+
+def _release(arr) -> None:
+    """Drop this process's mapping of a memory-mapped file's pages (they stay in the page cache): read
+    once and copied, they would otherwise count towards the resident size until the whole input had been
+    mapped in, growing with the number of rows."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def _check_ids(path: str, block: np.ndarray, lo: int) -> None:
@@ -120,9 +133,10 @@ class NpySource(RowSource):
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         self._check_range(lo, hi)
-        block = np.asarray(self.arr[lo:hi, :self.width])
+        block = np.array(self.arr[lo:hi, :self.width], dtype=np.int64)
+        _release(self.arr)
         _check_ids(self.path, block, lo)
-        return torch.from_numpy(block.astype(np.int64))
+        return torch.from_numpy(block)
 
 
 # --- GPT-NeoX / Megatron indexed datasets ------------------------------------------------------------
@@ -205,9 +219,10 @@ class IndexedSource(RowSource):
                 raise _too_short(self.path, lo + int(short[0]), int(sizes[short[0]]), w)
             starts = np.asarray(self.pointers[lo:hi]) // self.dtype.itemsize
             block = self.tokens[starts[:, None] + np.arange(w)[None, :]]
-        block = np.asarray(block)
+        block = np.array(block, dtype=np.int64)
+        _release(self.tokens)
         _check_ids(self.path, block, lo)
-        return torch.from_numpy(block.astype(np.int64))
+        return torch.from_numpy(block)
 
 
 def write_indexed(prefix: str, docs, dtype=np.uint16) -> None:
