@@ -8,15 +8,16 @@ tests call each backend's kernels directly (the compiled ops, or the Triton modu
 GPU-sized cases carry the ``cuda`` marker and skip without a GPU.
 """
 
-import itertools
 import math
 import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import backend_cases
 import pytest
 import torch
+from backend_cases import DEVICES, case_id, cases, gpu_only, needs_cuda_backend
 from conftest import backend_or_skip
 
 from tinymem_fast.ops import masked_subnet as ms
@@ -24,20 +25,7 @@ from tinymem_fast.ops import registry
 
 # --- backends, devices, cases ---------------------------------------------------------------------
 
-CUDA = torch.cuda.is_available()
-# where each backend's tensors live; Triton without a GPU means the interpreter on CPU tensors
-DEVICES = {"torch": "cpu", "cpp": "cpu", "triton": "cuda" if CUDA else "cpu", "cuda": "cuda"}
-_NO_CUDA_BACKEND = registry.unavailable_reason("cuda", torch.device("cuda")) if CUDA else "no CUDA device"
-needs_cuda_backend = pytest.mark.skipif(bool(_NO_CUDA_BACKEND), reason=f"cuda backend: {_NO_CUDA_BACKEND}")
-BACKEND_MARKS = {"cuda": (pytest.mark.cuda, needs_cuda_backend)}
-_Param = type(pytest.param(None))
-
 FAST = ["cpp", "triton", "cuda"]  # every backend but the reference
-
-
-def gpu_only(value):
-    """A case value too large for the CPU (or the Triton interpreter): runs on a GPU only."""
-    return pytest.param(value, marks=pytest.mark.cuda)
 
 
 GPU_BACKENDS = [gpu_only("triton"), "cuda"]
@@ -46,39 +34,8 @@ GPU_BACKENDS = [gpu_only("triton"), "cuda"]
 PUBLIC = ["cpp", gpu_only("triton"), "cuda"]
 
 
-def _id(v) -> str:
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
-
-
-def cases(backends, *axes) -> list:
-    """backend x axes as pytest.params; a backend's marks, and those of values given as pytest.param
-    (gpu_only), go with every combination they are in."""
-    out = []
-    for combo in itertools.product(backends, *axes):
-        values, marks = [], []
-        for v in combo:
-            if isinstance(v, _Param):
-                marks += v.marks
-                v = v.values[0]
-            values.append(v)
-        marks += BACKEND_MARKS.get(values[0], ())
-        out.append(pytest.param(*values, marks=marks, id="-".join(map(_id, values))))
-    return out
-
-
 def triton_kernels():
-    pytest.importorskip("triton")
-    from tinymem_fast.kernels import masked_subnet as tk
-
-    # @triton.jit picks the interpreter when it decorates: a module imported before conftest set
-    # TRITON_INTERPRET=1 holds real GPU kernels, which cannot run on CPU tensors
-    if not CUDA and type(tk._masked_weight_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("no CUDA GPU and the kernels were imported before TRITON_INTERPRET=1 was set")
-    return tk
+    return backend_cases.triton_kernels("masked_subnet", "_masked_weight_kernel")
 
 
 @pytest.fixture
@@ -88,13 +45,7 @@ def tk():
 
 def ready(backend: str, *dtypes) -> str:
     """Skip unless ``backend`` runs here on ``dtypes``; -> the device its tensors go to."""
-    dev = DEVICES[backend]
-    if backend == "triton":
-        triton_kernels()
-        if dev == "cpu" and torch.bfloat16 in dtypes:
-            pytest.skip("the Triton interpreter's bfloat16 is broken: bf16 runs on a GPU only")
-    backend_or_skip(backend, dev)
-    return dev
+    return backend_cases.ready(backend, dtypes, triton_kernels)
 
 
 def kernel_ops(backend: str) -> SimpleNamespace:
@@ -317,7 +268,7 @@ def test_triton_threshold_rejects_bad_k(tk):
 
 @pytest.mark.cuda
 @needs_cuda_backend
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 def test_cuda_threshold_misaligned(dtype):
     s = misaligned(make_scores("quantised", (128, 96), dtype, seed=3, device="cuda"))
     for k in ks(s.numel()):
@@ -407,7 +358,7 @@ def test_triton_masked_weight_nonfinite_weights(tk):
 
 @pytest.mark.cuda
 @needs_cuda_backend
-@pytest.mark.parametrize("wdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("wdtype", DTYPES, ids=case_id)
 def test_cuda_masked_weight_misaligned(wdtype):
     s = make_scores("quantised", (7, 13), seed=4, device="cuda")
     w = randn((7, 13), wdtype, seed=6, device="cuda")
@@ -452,7 +403,7 @@ def test_ste_grad_kernel_matches_reference(backend, shape, gdtype, wdtype, sdtyp
 
 @pytest.mark.cuda
 @needs_cuda_backend
-@pytest.mark.parametrize("sdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("sdtype", DTYPES, ids=case_id)
 def test_cuda_ste_grad_large_and_misaligned(sdtype):
     shape = (2560, 10240)
     g = randn(shape, torch.float32, seed=13, device="cuda")
@@ -549,14 +500,14 @@ def test_sgd_step_kernel_without_momentum_or_decay(backend):
 
 @pytest.mark.cuda
 @needs_cuda_backend
-@pytest.mark.parametrize("sdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("sdtype", DTYPES, ids=case_id)
 def test_cuda_sgd_step_large(sdtype):
     _run_sgd_kernel("cuda", (2560, 10240), sdtype, torch.float32, False, steps=2)
 
 
 @pytest.mark.cuda
 @needs_cuda_backend
-@pytest.mark.parametrize("sdtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("sdtype", DTYPES, ids=case_id)
 def test_cuda_sgd_step_misaligned(sdtype):
     _run_sgd_kernel("cuda", (7, 13), sdtype, torch.bfloat16, True, align=misaligned)
 

@@ -9,13 +9,14 @@ GPU-sized cases carry the ``cuda`` marker and skip without a GPU. Near-tie toler
 tests/memscore_checks.py.
 """
 
-import itertools
 import math
 import subprocess
 import sys
 
+import backend_cases
 import pytest
 import torch
+from backend_cases import case_id, cases, gpu_only, needs_cuda_backend
 from conftest import backend_or_skip, isa_or_skip
 from memscore_checks import (
     assert_argmax_close,
@@ -42,56 +43,11 @@ from tinymem_fast.ops.memscore import (
 
 # --- backends, devices, cases ---------------------------------------------------------------------
 
-CUDA = torch.cuda.is_available()
-# where each backend's tensors live; Triton without a GPU means the interpreter on CPU tensors
-DEVICES = {"torch": "cpu", "cpp": "cpu", "triton": "cuda" if CUDA else "cpu", "cuda": "cuda"}
-_NO_CUDA_BACKEND = registry.unavailable_reason("cuda", torch.device("cuda")) if CUDA else "no CUDA device"
-needs_cuda_backend = pytest.mark.skipif(bool(_NO_CUDA_BACKEND), reason=f"cuda backend: {_NO_CUDA_BACKEND}")
-BACKEND_MARKS = {"cuda": (pytest.mark.cuda, needs_cuda_backend)}
-_Param = type(pytest.param(None))
-
-
-def gpu_only(value):
-    """A case value too large for the CPU (or the Triton interpreter): runs on a GPU only."""
-    return pytest.param(value, marks=pytest.mark.cuda)
-
-
 GPU_BACKENDS = ["cuda", gpu_only("triton")]
 
 
-def _id(v) -> str:
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
-
-
-def cases(backends, *axes) -> list:
-    """backend x axes as pytest.params; a backend's marks, and those of values given as pytest.param
-    (gpu_only), go with every combination they are in. None values stay out of the ids."""
-    out = []
-    for combo in itertools.product(backends, *axes):
-        values, marks = [], []
-        for v in combo:
-            if isinstance(v, _Param):
-                marks += v.marks
-                v = v.values[0]
-            values.append(v)
-        marks += BACKEND_MARKS.get(values[0], ())
-        out.append(pytest.param(*values, marks=marks, id="-".join(_id(v) for v in values if v is not None)))
-    return out
-
-
 def triton_kernels():
-    pytest.importorskip("triton")
-    from tinymem_fast.kernels import memscore as tk
-
-    # @triton.jit picks the interpreter when it decorates: a module imported before conftest set
-    # TRITON_INTERPRET=1 holds real GPU kernels, which cannot run on CPU tensors
-    if not CUDA and type(tk._memscore_kernel).__name__ != "InterpretedFunction":
-        pytest.skip("no CUDA GPU and the kernels were imported before TRITON_INTERPRET=1 was set")
-    return tk
+    return backend_cases.triton_kernels("memscore", "_memscore_kernel")
 
 
 @pytest.fixture
@@ -101,13 +57,7 @@ def tk():
 
 def ready(backend: str, *dtypes) -> str:
     """Skip unless ``backend`` runs here on ``dtypes``; -> the device its tensors go to."""
-    dev = DEVICES[backend]
-    if backend == "triton":
-        triton_kernels()
-        if dev == "cpu" and torch.bfloat16 in dtypes:
-            pytest.skip("the Triton interpreter's bfloat16 is broken: bf16 runs on a GPU only")
-    backend_or_skip(backend, dev)
-    return dev
+    return backend_cases.ready(backend, dtypes, triton_kernels)
 
 
 # --- problems -------------------------------------------------------------------------------------
@@ -243,8 +193,8 @@ def test_public_api_matches_torch_backend(backend):
 TRITON_SHAPES = [(1, 37, 13), (37, 20, 1000), (70, 64, 777), gpu_only((3000, 256, 50257))]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=case_id)
 @pytest.mark.parametrize("chunk,split", [(0, None), (16, 3), (100, 1)])
 def test_triton_kernels_match_reference(tk, shape, dtype, chunk, split):
     dev = ready("triton", dtype)
@@ -264,7 +214,7 @@ def test_triton_kernels_match_reference(tk, shape, dtype, chunk, split):
         assert torch.equal(pruned, match) and not zeros.any()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("v,chunk", [(13, 16), (200, 32), (1000, 64)])
 def test_triton_kernels_forced_ties_exact(tk, dtype, v, chunk):
     dev = ready("triton", dtype)

@@ -27,28 +27,31 @@ VALIDATE_JSONL_UP_TO = 100_000
 
 
 def _open_input(args, need: int):
-    """(source, tokenizer folder or None): a text input without --tokenizer takes the model folder's."""
+    """(source, tokenizer folder, tokenizer) -- None, None without one: a text input without --tokenizer
+    takes the model's."""
     tok_dir = args.tokenizer
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None
-    kw = dict(seq_len=getattr(args, "seq_len", None), column=getattr(args, "column", None),
-              split=getattr(args, "split", None))
-    for attempt in range(2):
-        try:
-            src = open_source(args.input, need, tokenizer=tokenizer, **kw)
-            if isinstance(src, JsonlSource) and len(src) <= VALIDATE_JSONL_UP_TO:
-                src.validate_all()
-            src = select_rows(src, getattr(args, "rows", None), getattr(args, "row_index", None))
-            src.read(0, min(len(src), 2))  # the format of the rows, before a possibly large model loads
-            return src, tok_dir
-        except ScoringInputError as exc:
-            if attempt or tokenizer is not None or not args.model or "needs a tokenizer" not in str(exc):
-                raise
-            folder = resolve_model(args.model, getattr(args, "revision", None),
-                                   local_files_only=getattr(args, "local_files_only", None))
-            if not has_tokenizer(folder):
-                raise
-            tok_dir, tokenizer = folder, load_tokenizer(folder)
-    raise AssertionError("unreachable")
+    try:
+        return _read_source(args, need, tokenizer), tok_dir, tokenizer
+    except ScoringInputError as exc:
+        if tok_dir or not args.model or "needs a tokenizer" not in str(exc):
+            raise
+        folder = resolve_model(args.model, getattr(args, "revision", None),
+                               local_files_only=getattr(args, "local_files_only", None))
+        if not has_tokenizer(folder):
+            raise
+    tokenizer = load_tokenizer(folder)
+    return _read_source(args, need, tokenizer), folder, tokenizer
+
+
+def _read_source(args, need: int, tokenizer):
+    src = open_source(args.input, need, tokenizer=tokenizer, seq_len=getattr(args, "seq_len", None),
+                      column=getattr(args, "column", None), split=getattr(args, "split", None))
+    if isinstance(src, JsonlSource) and len(src) <= VALIDATE_JSONL_UP_TO:
+        src.validate_all()
+    src = select_rows(src, getattr(args, "rows", None), getattr(args, "row_index", None))
+    src.read(0, min(len(src), 2))  # the format of the rows, before a possibly large model loads
+    return src
 
 
 def _manifest(args, command: str, source, need: int, shard_rows: int) -> dict:
@@ -68,8 +71,8 @@ def run_command(args, command: str) -> dict | None:
     ``FileNotFoundError``) before any scoring starts; under ``torchrun`` every rank hears every rank's
     verdict first."""
     ctx = dist_.init_from_env(args.device)
-    failure = first = finished = None
-    try:
+    first = finished = None
+    with dist_.RankVerdict(ctx) as setup:
         if args.prefix_len < 1 or args.suffix_len < 1:
             raise ScoringInputError("--prefix-len and --suffix-len must be >= 1")
         shard_rows = getattr(args, "shard_rows", None) or streaming.DEFAULT_SHARD_ROWS
@@ -77,7 +80,7 @@ def run_command(args, command: str) -> dict | None:
             raise ScoringInputError("--shard-rows must be >= 1")
         need = args.prefix_len + args.suffix_len
         # the input first: a malformed file is reported before a possibly large model is loaded
-        source, tok_dir = _open_input(args, need)
+        source, tok_dir, tokenizer = _open_input(args, need)
         fmt = getattr(args, "output_format", None) or "jsonl"
         if fmt == "parquet":
             require("pyarrow", "--output-format parquet")
@@ -88,20 +91,12 @@ def run_command(args, command: str) -> dict | None:
         model = load_causal_lm(args.model, args.dtype, device=None if args.device_map else ctx.device,
                                device_map=args.device_map, revision=getattr(args, "revision", None),
                                local_files_only=getattr(args, "local_files_only", None))
-        if tok_dir is not None:
-            check_tokenizer(load_tokenizer(tok_dir), model, tok_dir)
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, model, tok_dir)
         parts = split_causal_lm(model)
         validate_ids(first, parts, need)
         suppress = eos_ids(model) if getattr(args, "suppress_eos", False) else None
-    except (ValueError, FileNotFoundError) as exc:
-        if not ctx.active:
-            raise
-        failure = exc
-    except BaseException:
-        dist_.finish(ctx, barrier=False)
-        raise
-    if ctx.active:  # every rank hears every rank's verdict on its input before any rank starts
-        dist_.agree_on_work(ctx, failure, None if failure else first, ScoringInputError)
+    setup.agree(first, ScoringInputError)  # every rank hears every rank's verdict before any rank starts
     if finished is not None:
         dist_.finish(ctx)
         return finished if ctx.rank == 0 else None
@@ -124,20 +119,11 @@ def run_command(args, command: str) -> dict | None:
             suppress_ids=suppress))
 
     t0 = time.perf_counter()
-    failure = None
-    try:
+    with dist_.RankVerdict(ctx) as run:
         streaming.score_shards(source, mine, plan, score, args.out, command,
                                progress=not args.quiet and ctx.rank == 0)
         dist_.sync_device(parts.head_device)
-    except (ValueError, FileNotFoundError) as exc:
-        if not ctx.active:
-            raise
-        failure = exc
-    except BaseException:
-        dist_.finish(ctx, barrier=False)
-        raise
-    if ctx.active:  # a rank that failed mid-run: the others stop too (their shards stay, for --resume)
-        dist_.agree_on_work(ctx, failure, None, ScoringInputError)
+    run.agree(None, ScoringInputError)  # a rank failed mid-run: all stop (their shards stay, for --resume)
     wall = time.perf_counter() - t0
     summary = None
     if ctx.rank == 0:
@@ -172,7 +158,7 @@ def score_checkpoints_command(args: argparse.Namespace) -> int:
 
     try:
         cks = expand_checkpoints(([args.model] if args.model else []) + args.checkpoints)
-        src, _ = _open_input(args, args.prefix_len + args.suffix_len)
+        src, _, _ = _open_input(args, args.prefix_len + args.suffix_len)
         ids = src.read(0, len(src))
         bs = streaming.AutoBatch(args.batch_size, args.device or "cpu").size
         records = score_checkpoints(cks, ids, args.prefix_len, args.suffix_len, dtype=args.dtype,

@@ -80,6 +80,34 @@ def agree_on_work(ctx: DistContext, failure: BaseException | None, work: torch.T
         raise error("; ".join(failed))
 
 
+class RankVerdict:
+    """``with RankVerdict(ctx) as v:`` around a rank's share of the work. A user error (bad input or
+    settings) is raised at once on one process; under ``torchrun`` it is kept, and :meth:`agree` tells every
+    rank whether any rank failed (all then raise ``error`` in one line). Anything else leaves the process
+    group first, so that no rank waits forever in a collective for one that died."""
+
+    def __init__(self, ctx: DistContext, user_errors=(ValueError, FileNotFoundError)):
+        self.ctx, self.user_errors, self.failure = ctx, user_errors, None
+
+    def __enter__(self) -> RankVerdict:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, self.user_errors):
+            if self.ctx.active:
+                self.failure = exc
+                return True
+            return False
+        finish(self.ctx, barrier=False)
+        return False
+
+    def agree(self, work: torch.Tensor | None = None, error=ValueError) -> None:
+        if self.ctx.active:
+            agree_on_work(self.ctx, self.failure, None if self.failure else work, error)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()

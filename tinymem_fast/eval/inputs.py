@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+import numpy as np
 import torch
 
-from ..integrations.loading import first_line as _first_line
 from .scoring import ScoringInputError, split_causal_lm
-from .sources import _line_ids
+from .sources import parse_line, read_npy, read_pt
 
 
 def check_tokenizer(tokenizer, model, name: str = "the tokenizer") -> None:
@@ -23,58 +22,26 @@ def check_tokenizer(tokenizer, model, name: str = "the tokenizer") -> None:
 
 
 def load_sequences(path: str, tokenizer=None) -> list[list[int]] | torch.Tensor:
-    """Token sequences from ``.jsonl`` (one ``{"ids": [...]}`` or ``{"text": "..."}`` per line; blank
-    lines skipped), ``.npy`` (an integer array ``[N, L]``) or ``.pt`` (an integer tensor ``[N, L]``, loaded
-    with ``weights_only=True``). Returns a tensor for array inputs, else a list of lists."""
-    import numpy as np
-
+    """Token sequences, whole and in memory (for small inputs; :func:`~.sources.open_source` reads any size
+    by row blocks): ``.jsonl`` (one ``{"ids": [...]}`` or ``{"text": "..."}`` per line; blank lines skipped),
+    ``.npy`` (an integer array ``[N, L]``) or ``.pt`` (an integer tensor ``[N, L]``, loaded with
+    ``weights_only=True``). Returns a tensor for array inputs, else a list of lists (rows may differ in
+    length)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
-        out = []
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ScoringInputError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ScoringInputError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-                out.append(_line_ids(obj, f"{path}:{lineno}", tokenizer))
+            out = [parse_line(raw, f"{path}:{lineno}", tokenizer)
+                   for lineno, raw in enumerate(f, 1) if raw.strip()]
         if not out:
             raise ScoringInputError(f"{path}: empty input (no sequences)")
         return out
     if ext == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise ScoringInputError(f"{path}: not a readable .npy array ({exc})") from None
-        if arr.dtype.kind not in "iu":
-            raise ScoringInputError(f"{path}: token ids must be an integer array, got dtype {arr.dtype}")
-        t = torch.from_numpy(arr.astype(np.int64))
-    elif ext == ".pt":
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types; all mean the same to the user
-            raise ScoringInputError(f"{path}: cannot load a tensor with weights_only=True "
-                                    f"({_first_line(exc)})") from None
-        if not isinstance(t, torch.Tensor):
-            raise ScoringInputError(f"{path}: expected a tensor of token ids, got {type(t).__name__}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ScoringInputError(f"{path}: token ids must be an integer tensor, got {t.dtype}")
-    else:
-        raise ScoringInputError(f"{path}: unknown input format {ext!r}; use .jsonl, .npy or .pt")
-    if t.dim() == 1:
-        t = t[None]
-    if t.dim() != 2 or t.numel() == 0:
-        raise ScoringInputError(f"{path}: expected a non-empty [N, L] array of token ids, "
-                                f"got shape {tuple(t.shape)}")
-    return t.long()
+        return torch.from_numpy(read_npy(path).astype(np.int64))
+    if ext == ".pt":
+        return read_pt(path).long()
+    raise ScoringInputError(f"{path}: unknown input format {ext!r}; use .jsonl, .npy or .pt")
 
 
 def to_matrix(seqs, need: int) -> torch.Tensor:

@@ -59,6 +59,10 @@ class RowSource:
             out[os.path.abspath(f)] = [st.st_size, st.st_mtime_ns]
         return out
 
+    def row_numbers(self, lo: int, hi: int):
+        """The input's own numbers of rows ``[lo, hi)`` (a selection maps them back)."""
+        return range(lo, hi)
+
     def _check_range(self, lo: int, hi: int) -> None:
         if not 0 <= lo <= hi <= len(self):
             raise IndexError(f"rows [{lo}, {hi}) outside [0, {len(self)})")
@@ -87,16 +91,50 @@ def _check_ids(path: str, block: np.ndarray, lo: int) -> None:
         raise ScoringInputError(f"{path}: row {lo + r} holds a negative token id")
 
 
+def _matrix(path: str, a, width: int = 0):
+    """``a`` (array or tensor of token ids) as ``[N, L]``: one row when 1-D; refused when empty, of
+    another rank, or narrower than ``width``."""
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ScoringInputError(f"{path}: expected a non-empty [N, L] array of token ids, "
+                                f"got shape {tuple(a.shape)}")
+    if a.shape[1] < width:
+        raise ScoringInputError(f"prefix_len + suffix_len = {width} is longer than the sequences "
+                                f"({a.shape[1]} tokens)")
+    return a
+
+
+def read_npy(path: str, mmap: bool = False) -> np.ndarray:
+    """An integer ``[N, L]`` array from ``.npy`` (never unpickled), memory-mapped when asked."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ScoringInputError(f"{path}: not a readable .npy array ({first_line(exc)})") from None
+    if arr.dtype.kind not in "iu":
+        raise ScoringInputError(f"{path}: token ids must be an integer array, got dtype {arr.dtype}")
+    return _matrix(path, arr)
+
+
+def read_pt(path: str) -> torch.Tensor:
+    """An integer ``[N, L]`` tensor from ``.pt``, loaded with ``weights_only=True``."""
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; all mean the same to the user
+        raise ScoringInputError(f"{path}: cannot load a tensor with weights_only=True "
+                                f"({first_line(exc)})") from None
+    if not isinstance(t, torch.Tensor):
+        raise ScoringInputError(f"{path}: expected a tensor of token ids, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ScoringInputError(f"{path}: token ids must be an integer tensor, got {t.dtype}")
+    return _matrix(path, t)
+
+
 class TensorSource(RowSource):
-    """Rows already in memory (``.pt`` files, lists built by callers)."""
+    """Rows already in memory (``.pt`` files, tensors built by callers)."""
 
     def __init__(self, ids: torch.Tensor, width: int, path: str = "<memory>"):
-        if ids.dim() != 2 or ids.shape[0] == 0:
-            raise ScoringInputError(f"{path}: expected a non-empty [N, L] array of token ids, "
-                                    f"got shape {tuple(ids.shape)}")
-        if ids.shape[1] < width:
-            raise ScoringInputError(f"prefix_len + suffix_len = {width} is longer than the sequences "
-                                    f"({ids.shape[1]} tokens)")
+        ids = _matrix(path, ids, width)
         self.ids, self.width, self.path = ids[:, :width].long(), width, path
 
     def __len__(self) -> int:
@@ -112,21 +150,7 @@ class TensorSource(RowSource):
 
 class NpySource(RowSource):
     def __init__(self, path: str, width: int):
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise ScoringInputError(f"{path}: not a readable .npy array ({first_line(exc)})") from None
-        if arr.dtype.kind not in "iu":
-            raise ScoringInputError(f"{path}: token ids must be an integer array, got dtype {arr.dtype}")
-        if arr.ndim == 1:
-            arr = arr[None]
-        if arr.ndim != 2 or arr.size == 0:
-            raise ScoringInputError(f"{path}: expected a non-empty [N, L] array of token ids, "
-                                    f"got shape {tuple(arr.shape)}")
-        if arr.shape[1] < width:
-            raise ScoringInputError(f"prefix_len + suffix_len = {width} is longer than the sequences "
-                                    f"({arr.shape[1]} tokens)")
-        self.arr, self.width, self.path = arr, width, path
+        self.arr, self.width, self.path = _matrix(path, read_npy(path, mmap=True), width), width, path
 
     def __len__(self) -> int:
         return self.arr.shape[0]
@@ -267,6 +291,19 @@ def _line_ids(obj, where: str, tokenizer) -> list[int]:
     return list(tokenizer(obj["text"], add_special_tokens=False)["input_ids"])
 
 
+def parse_line(raw: bytes, where: str, tokenizer) -> list[int]:
+    """The token ids of one JSON Lines line (``where`` = ``path:lineno`` for messages)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScoringInputError(f"{where}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ScoringInputError(f"{where}: malformed JSON ({exc.msg})") from None
+    return _line_ids(obj, where, tokenizer)
+
+
 class JsonlSource(RowSource):
     """One ``{"ids": [...]}`` or ``{"text": "..."}`` object per line (blank lines skipped). The first pass
     checks every line is UTF-8 JSON and records where it starts; rows are parsed when read."""
@@ -306,11 +343,7 @@ class JsonlSource(RowSource):
                 if not raw.strip():
                     continue
                 where = f"{self.path}:{int(self.lines[r])}"
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except json.JSONDecodeError as exc:
-                    raise ScoringInputError(f"{where}: malformed JSON ({exc.msg})") from None
-                seq = _line_ids(obj, where, self.tokenizer)
+                seq = parse_line(raw, where, self.tokenizer)
                 if len(seq) < self.width:
                     raise ScoringInputError(f"{where}: sequence {r} has {len(seq)} tokens, fewer than "
                                             f"prefix_len + suffix_len = {self.width}")
@@ -462,8 +495,8 @@ class SelectedSource(RowSource):
     def fingerprint(self) -> dict:
         return {**self.base.fingerprint(), "selection": self.how, "rows": len(self)}
 
-    def source_index(self, i: int) -> int:
-        return int(self.indices[i])
+    def row_numbers(self, lo: int, hi: int):
+        return self.indices[lo:hi].copy()
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         self._check_range(lo, hi)
@@ -555,15 +588,6 @@ def open_source(path: str, width: int, *, tokenizer=None, seq_len: int | None = 
     if ext == ".parquet":
         return ParquetSource(path, width, tokenizer, column)
     if ext == ".pt":
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types; all mean the same to the user
-            raise ScoringInputError(f"{path}: cannot load a tensor with weights_only=True "
-                                    f"({first_line(exc)})") from None
-        if not isinstance(t, torch.Tensor):
-            raise ScoringInputError(f"{path}: expected a tensor of token ids, got {type(t).__name__}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ScoringInputError(f"{path}: token ids must be an integer tensor, got {t.dtype}")
-        return TensorSource(t[None] if t.dim() == 1 else t, width, path)
+        return TensorSource(read_pt(path), width, path)
     raise ScoringInputError(f"{path}: unknown input format {ext!r}; use .jsonl, .npy, .parquet, .pt, a "
                             ".bin/.idx pair or a Hugging Face dataset folder")

@@ -217,18 +217,12 @@ def score_shards(source, todo: list[int], plan: ShardPlan, score, out: str, comm
             lo, hi = plan.bounds(j)
             t = time.perf_counter()
             cols = score(ids)
-            index = torch.as_tensor(_source_rows(source, lo, hi))
+            index = torch.as_tensor(source.row_numbers(lo, hi))
             write_shard(out, command, j, cols, index, plan.fmt)
             if on_shard is not None:
                 on_shard(j, lo, hi, time.perf_counter() - t)
             bar.update(hi - lo)
     bar.close()
-
-
-def _source_rows(source, lo: int, hi: int):
-    """The input-file row numbers of rows ``[lo, hi)`` (a selection maps them back)."""
-    indices = getattr(source, "indices", None)
-    return indices[lo:hi].copy() if indices is not None else range(lo, hi)
 
 
 def merge(out: str, command: str, plan: ShardPlan, summary: dict) -> dict:
