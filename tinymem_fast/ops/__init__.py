@@ -2,9 +2,11 @@
 available backend (see :mod:`tinymem_fast.ops.registry`). Nothing here imports the rest of the package."""
 
 from . import attention as _attention
+from . import linear_cross_entropy as _linear_cross_entropy
 from . import masked_subnet as _masked_subnet
 from . import memscore as _memscore
 from .attention import causal_attention, causal_attention_available
+from .linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .masked_subnet import (
     MaskedSubnet,
     SubnetSGD,
@@ -26,12 +28,14 @@ OP_FAMILIES = {
     "masked_subnet": _masked_subnet.DISPATCH,
     "memscore": _memscore.DISPATCH,
     "causal_attention": _attention.DISPATCH,
+    "linear_cross_entropy": _linear_cross_entropy.DISPATCH,
 }
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "ExampleScores",
+    "FusedLinearCrossEntropyLoss",
     "MaskedSubnet",
     "OP_FAMILIES",
     "SubnetSGD",
@@ -39,6 +43,7 @@ __all__ = [
     "TokenScores",
     "causal_attention",
     "causal_attention_available",
+    "fused_linear_cross_entropy",
     "lm_head_argmax",
     "masked_linear",
     "masked_weight",
