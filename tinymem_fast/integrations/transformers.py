@@ -138,13 +138,28 @@ _HEAD_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index", 
                 "return_dict")
 
 
+def _autocast_on(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+
+
 def _cross_entropy(hidden, head: nn.Linear, targets, ignore_index: int, num_items_in_batch):
     from ..ops.linear_cross_entropy import fused_linear_cross_entropy
 
     targets = targets.to(hidden.device)
+    weight, bias = head.weight, head.bias
+    device = hidden.device.type
+    if _autocast_on(device):
+        # what autocast does to the head's F.linear: both sides in the low-precision dtype, so the logits
+        # are rounded as the unpatched model's are (and the weight gradient flows back through the cast)
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1),
-                                      head.bias, ignore_index=ignore_index, reduction=reduction)
+    loss = fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                      bias, ignore_index=ignore_index, reduction=reduction)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
