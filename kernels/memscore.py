@@ -94,7 +94,9 @@ def _memscore_kernel(h_ptr, w_ptr, b_ptr, y_ptr, thi_ptr,
         cidx = tl.min(tl.where(x == cmax[:, None], cols[None, :], _BIG), axis=1)
         arg = tl.where(cmax > best, cidx, arg)  # strictly greater: earlier tiles hold lower indices
         if NEED_NLL:
+            # while every logit seen is -inf (suppressed ids) the sum stays 0: exp(-inf - -inf) is NaN
             new = tl.maximum(best, cmax)
+            new = tl.where(new == float("-inf"), 0.0, new)
             sums = sums * tl.exp(best - new) + tl.sum(tl.exp(x - new[:, None]), axis=1)
             if HAS_TARGETS:
                 tgt += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
@@ -183,6 +185,7 @@ def _run(h, w, b, y, need_nll: bool, early_exit: bool, chunk: int, split: int | 
     arg64 = torch.where(best == top, arg.long(), vocab).min(0).values.clamp_max(vocab - 1)
     out = {"arg": arg64}
     if need_nll:
+        # a slice whose logits are all -inf has sum 0 and adds nothing (0 * exp(-inf - top) = 0)
         tot = (sums * torch.exp(best - top)).sum(0)
         out["nll"] = top + torch.log(tot) - tgt.sum(0) if has_t else None
     if early_exit:

@@ -161,13 +161,15 @@ __global__ void __launch_bounds__(NT)
         }
       }
       if constexpr (MODE == kNll) {
+        // while every logit seen is -inf (suppressed ids) the sum stays 0: exp(-inf - -inf) would be NaN
         const float nb = fmaxf(best[i], m);
+        const float sb = nb == -INFINITY ? 0.f : nb;
         float part = 0.f;
 #pragma unroll
-        for (int j = 0; j < RPT; ++j) part += expf(x[j] - nb);
+        for (int j = 0; j < RPT; ++j) part += expf(x[j] - sb);
 #pragma unroll
         for (int off = 8; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-        sum[i] = sum[i] * expf(best[i] - nb) + part;
+        sum[i] = sum[i] * expf(best[i] - sb) + part;
 #pragma unroll
         for (int j = 0; j < RPT; ++j)
           if (n0 + tx + 16 * j == y[i]) tgt[i] = x[j];  // one lane of the row holds it

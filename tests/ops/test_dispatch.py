@@ -38,9 +38,9 @@ def test_explicit_and_process_wide_choices(monkeypatch):
 def test_input_reasons_steer_only_automatic_choices():
     backend_or_skip("cpp")
     spec = OP_FAMILIES["causal_attention"]
-    no = lambda b: "inputs the kernel does not take"  # noqa: E731
-    assert registry.select("causal_attention", "cpu", **spec, takes=no) == "torch"
-    assert registry.select("causal_attention", "cpu", "cpp", **spec, takes=no) == "cpp"
+    assert registry.select("causal_attention", "cpu", **spec) == "cpp"
+    assert registry.select("causal_attention", "cpu", **spec, suits=False) == "torch"
+    assert registry.select("causal_attention", "cpu", "cpp", **spec, suits=False) == "cpp"
 
 
 def test_subnet_ops_have_fakes():

@@ -34,7 +34,7 @@ from ..ops.greedy import (
     split_causal_lm,
     top2_margin,
 )
-from ..ops.memscore import ExampleScores, memscore_examples
+from ..ops.memscore import ExampleScores, check_values, memscore_examples
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +253,11 @@ def _first_miss_staged(h, targets, weight, bias, backend) -> ExampleScores:
     first = torch.full((b,), k, dtype=torch.long, device=h.device)
     alive = torch.arange(b, device=h.device)
     start, width = 0, 4
+    check_values(h, weight, targets, vocab=weight.shape[0])  # once: the stages below score subsets
     while start < k and alive.numel():
         end = min(k, start + width)
         r = memscore_examples(h[alive, start:end], weight, targets[alive, start:end], bias=bias,
-                              need_nll=False, early_exit=True, backend=backend)
+                              need_nll=False, early_exit=True, backend=backend, validate=False)
         miss = ~r.exact
         first[alive[miss]] = start + r.first_mismatch[miss]
         alive = alive[~miss]

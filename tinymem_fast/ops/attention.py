@@ -70,21 +70,22 @@ def _bwd_fake(dout, q, k, v, out, lse, scale):
 registry.register_fakes({"causal_attention_fwd": _fwd_fake, "causal_attention_bwd": _bwd_fake})
 
 
-class _CausalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        out, lse = torch.ops.tinymem.causal_attention_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.tinymem.causal_attention_bwd(dout, q, k, v, out, lse, ctx.scale)
-        need = ctx.needs_input_grad
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None)
+
+def _backward(ctx, dout: Tensor, _dlse):
+    # lse is an output for the backward's sake only; nothing downstream differentiates it
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.tinymem.causal_attention_bwd(dout, q, k, v, out, lse, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None)
+
+
+registry.register_autograd({"causal_attention_fwd": (_backward, _setup_context)})
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -104,12 +105,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    b = registry.select("causal_attention", q.device, backend, **DISPATCH,
-                        takes=lambda _: "" if _kernel_takes(q, k, v) else "inputs the kernel does not take")
+    b = registry.select("causal_attention", q.device, backend, **DISPATCH, suits=_kernel_takes(q, k, v))
     if b == "cpp" and torch.is_autocast_enabled("cpu"):
         # what autocast does to F.scaled_dot_product_attention's float32 inputs on the CPU
         dt = torch.get_autocast_dtype("cpu")
         q, k, v = (t.to(dt) if t.dtype == torch.float32 else t for t in (q, k, v))
     if b == "torch":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return _CausalAttention.apply(q, k, v, float(scale))
+    return torch.ops.tinymem.causal_attention_fwd(q, k, v, float(scale))[0]

@@ -394,8 +394,9 @@ def greedy_decode(model: torch.nn.Module, prefix: torch.Tensor, k: int, *,
         if parts.fused:
             out = parts.body(input_ids=inp, attention_mask=mask, use_cache=True, **{parts.cache_kw: cache})
             h = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[:, -1]
+            # the inputs are checked at the first step; later steps skip the check's host sync
             nxt = lm_head_argmax(h.to(dev_head, parts.head_weight.dtype), parts.head_weight, bias=bias,
-                                 backend=backend, pack=head_pack)
+                                 backend=backend, pack=head_pack, validate=i == 0)
         else:
             logits = model(input_ids=inp, attention_mask=mask, use_cache=True,
                            **{parts.cache_kw: cache}).logits[:, -1].to(dev_head)

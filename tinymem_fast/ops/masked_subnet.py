@@ -90,21 +90,23 @@ def _abs_key(scores: Tensor) -> Tensor:
 
 def threshold_torch(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     key = _abs_key(scores)
-    if torch.isnan(key).any():
+    if not torch.compiler.is_compiling() and torch.isnan(key).any():
         raise ValueError("scores contain NaN; the mask is undefined (did the loss diverge?)")
     if k == 0:
         return key.new_zeros(()), torch.zeros((), dtype=torch.int64, device=key.device)
     value = torch.kthvalue(key, k).values
     need = k - (key < value).sum()
-    ties = torch.nonzero(key == value).reshape(-1)
-    return value, ties[need - 1] + 1
+    # the cut is one past the need-th tie: found on the device (no host round trip, no data-dependent
+    # shape, so it also traces under torch.compile)
+    ties_seen = torch.cumsum(key == value, 0)
+    return value, torch.searchsorted(ties_seen, need.reshape(1)).reshape(()) + 1
 
 
 def keep_mask_torch(scores: Tensor, value: Tensor, cut: Tensor) -> Tensor:
     key = _abs_key(scores)
-    ties = key == value
-    ties[: int(cut)] = False  # ties before the cut are dropped, the rest kept
-    return ((key > value) | ties).view(scores.shape)
+    # ties before the cut are dropped, the rest kept
+    late_tie = (key == value) & (torch.arange(key.numel(), device=key.device) >= cut)
+    return ((key > value) | late_tie).view(scores.shape)
 
 
 def masked_weight_torch(weight: Tensor, scores: Tensor, value: Tensor, cut: Tensor) -> Tensor:
@@ -140,7 +142,10 @@ def subnet_threshold(scores: Tensor, ratio: float, *, backend: str | None = None
     _check_float("scores", scores)
     if scores.numel() == 0:
         raise ValueError("scores is empty")
-    k = num_dropped(scores.numel(), ratio)
+    return _threshold(scores, num_dropped(scores.numel(), ratio), backend)
+
+
+def _threshold(scores: Tensor, k: int, backend: str | None) -> SubnetThreshold:
     b = registry.select("subnet_threshold", scores.device, backend, **DISPATCH)
     if b == "torch":
         value, cut = threshold_torch(scores, k)
@@ -331,9 +336,14 @@ class MaskedSubnet(nn.Module):
         else:
             raise ValueError(f"score_init must be 'kaiming' or 'magnitude', got {score_init!r}")
         self.scores = nn.Parameter(s.to(w.device))
+        self.k = num_dropped(self.scores.numel(), self.ratio)
         self._cache: tuple[int, SubnetThreshold] | None = None
 
     def threshold(self) -> SubnetThreshold:
+        if torch.compiler.is_compiling():
+            # a compiled graph cannot key a cache on the version counter: the selection is in the graph,
+            # once per forward (one forward per optimizer step when training)
+            return _threshold(self.scores, self.k, self.backend)
         version = self.scores._version
         if self._cache is None or self._cache[0] != version:
             self._cache = (version, subnet_threshold(self.scores, self.ratio, backend=self.backend))

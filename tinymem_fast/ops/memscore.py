@@ -17,7 +17,8 @@ may differ in the last float32 bit; ``match`` can then differ only where the top
 that rounding of each other.
 
 ``mask`` marks the positions to score; unscored positions get ``match=False`` and ``nll=0`` and their
-targets are not looked at (so padding may hold e.g. ``-100``). NaN logits give unspecified results.
+targets are not looked at (so padding may hold e.g. ``-100``). Non-finite hidden states or weights raise
+(see ``validate``); a ``-inf`` bias suppresses ids (their logits never win and add nothing to the NLL).
 
 :func:`memscore_examples` reduces per example (exact-match bit, first-mismatch index, matched count,
 mean NLL). With ``need_nll=False`` and ``early_exit=True`` the fast backends prune: each token's target
@@ -42,6 +43,7 @@ the maximum with the float32 kernel's own FMA chain, so the ids equal the plain 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -158,14 +160,65 @@ def _check_targets(hidden: Tensor, targets: Tensor, mask: Tensor | None, vocab: 
             raise TypeError(f"mask must be bool (True = score this position), got {mask.dtype}")
         if mask.device != hidden.device:
             raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
-    bad = (targets < 0) | (targets >= vocab)
-    if mask is not None:
-        bad &= mask
-    if bool(bad.any()):
-        pos = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"targets contain id {int(targets[pos])} at position {list(pos)}, outside the "
-                         f"vocabulary [0, {vocab}); mask out padding or fix the tokenizer/lm_head pairing")
     return mask
+
+
+# weights found finite, by id: (weak reference, version counter, data pointer) at the check. A weight is
+# read again only after it changed (an optimizer step bumps the version), so a decoding loop that calls
+# the head once per token does not re-read V x d floats per call to check them.
+_FINITE_WEIGHTS: dict[int, tuple] = {}
+
+
+def _known_finite(weight: Tensor) -> bool:
+    seen = _FINITE_WEIGHTS.get(id(weight))
+    return (seen is not None and seen[0]() is weight and seen[1] == _weight_version(weight)
+            and seen[2] == weight.data_ptr())
+
+
+def _remember_finite(weight: Tensor) -> None:
+    version = _weight_version(weight)
+    if version is None:
+        return
+    key = id(weight)
+    _FINITE_WEIGHTS[key] = (weakref.ref(weight, lambda _: _FINITE_WEIGHTS.pop(key, None)), version,
+                            weight.data_ptr())
+
+
+def _first_bad(bad: Tensor) -> list[int]:
+    return [int(i) for i in bad.nonzero()[0]]
+
+
+def check_values(hidden: Tensor, weight: Tensor, targets: Tensor | None = None, mask: Tensor | None = None,
+                 *, vocab: int | None = None) -> None:
+    """The checks that read the data: hidden and weight finite, targets in ``[0, vocab)`` where ``mask``
+    scores them. One host sync for all of them (``.tolist()`` of a few flags); skipped while
+    ``torch.compile`` traces. ``bias`` is not checked: ``-inf`` there is how ids are suppressed."""
+    if torch.compiler.is_compiling():
+        return
+    flags = [~torch.isfinite(hidden).all()]
+    check_weight = not _known_finite(weight)
+    if check_weight:
+        flags.append(~torch.isfinite(weight).all())
+    if targets is not None:
+        bad_t = (targets < 0) | (targets >= vocab)
+        if mask is not None:
+            bad_t &= mask
+        flags.append(bad_t.any())
+    got = torch.stack(flags).tolist()
+    if got[0]:
+        pos = _first_bad(~torch.isfinite(hidden))
+        raise ValueError(f"hidden holds {float(hidden[tuple(pos)])} at position {pos}: the model's hidden "
+                         "states are not finite (diverged weights, or an overflow in float16?)")
+    if check_weight:
+        if got[1]:
+            pos = _first_bad(~torch.isfinite(weight))
+            raise ValueError(f"weight (the lm_head) holds {float(weight[tuple(pos)])} at {pos}; suppress ids "
+                             "with a -inf bias instead of editing the weight")
+        _remember_finite(weight)
+    if targets is not None and got[-1]:
+        pos = _first_bad(bad_t)
+        raise ValueError(f"targets contain id {int(targets[tuple(pos)])} at position {pos}, outside the "
+                         f"vocabulary [0, {vocab}); mask out padding or fix the tokenizer/lm_head pairing")
 
 
 def _check_chunk(chunk_size: int | None) -> int:
@@ -289,45 +342,82 @@ def _run(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, n
     return torch.ops.tinymem.memscore(hidden, weight, bias, targets, need_nll, early_exit, chunk)
 
 
-def _token_scores(hidden, weight, targets, bias, mask, need_nll, early_exit, chunk_size, backend, op):
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _token_scores(hidden, weight, targets, bias, mask, need_nll, early_exit, chunk_size, backend, op,
+                  validate):
     _check_head(hidden, weight, bias, 3)
     mask = _check_targets(hidden, targets, mask, weight.shape[0])
     chunk = _check_chunk(chunk_size)
     if early_exit and need_nll:
         raise ValueError("early_exit=True needs need_nll=False (pruned tokens have no NLL)")
+    if validate:
+        check_values(hidden, weight, targets, mask, vocab=weight.shape[0])
     b = _select(op, "memscore", hidden.device, backend)
     bsz, seq, d = hidden.shape
     h = hidden.detach().reshape(bsz * seq, d)
     y = targets.reshape(-1).long()
     w = weight.detach().contiguous()
     bias_c = bias.detach().contiguous() if bias is not None else None
-    idx = None
-    if mask is not None and not bool(mask.all()):
-        # score only the masked rows: a gather of O(M d) is nothing next to the O(M V d) scoring
-        idx = mask.reshape(-1).nonzero().squeeze(1)
-        h, y = h[idx], y[idx]
     match = torch.zeros(bsz * seq, dtype=torch.bool, device=hidden.device)
     nll = torch.zeros(bsz * seq, dtype=torch.float32, device=hidden.device)
-    if h.shape[0]:
+    if mask is not None and torch.compiler.is_compiling():
+        # a graph cannot gather a data-dependent number of rows: score every row, keep the masked ones
+        # (unscored targets may hold padding ids, so they are zeroed first)
+        flat = mask.reshape(-1)
+        y = torch.where(flat, y, 0)
         m, n = _run(h.contiguous(), w, bias_c, y.contiguous(), need_nll, early_exit, chunk, b)
-        if idx is None:
-            match, nll = m, n
-        else:
-            match[idx], nll[idx] = m, n
+        match, nll = m & flat, torch.where(flat, n, 0.0)
+    else:
+        idx = None
+        if mask is not None and not bool(mask.all()):
+            # score only the masked rows: a gather of O(M d) is nothing next to the O(M V d) scoring
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            h, y = h[idx], y[idx]
+        if h.shape[0]:
+            m, n = _run(h.contiguous(), w, bias_c, y.contiguous(), need_nll, early_exit, chunk, b)
+            if idx is None:
+                match, nll = m, n
+            else:
+                match[idx], nll[idx] = m, n
+    if need_nll and _needs_grad(hidden, weight, bias):
+        nll = _differentiable_nll(hidden, weight, targets, bias, mask)
     return TokenScores(match=match.view(bsz, seq), nll=nll.view(bsz, seq), has_nll=need_nll)
+
+
+def _differentiable_nll(hidden, weight, targets, bias, mask) -> Tensor:
+    """The NLL with gradients, from the fused linear cross-entropy (same definition: logits accumulated
+    in float32, rounded once to the input dtype, log-softmax in float32); 0 where not scored."""
+    from .linear_cross_entropy import fused_linear_cross_entropy
+
+    y = targets.long()
+    if mask is not None:
+        y = torch.where(mask, y, -100)
+    nll = fused_linear_cross_entropy(hidden, weight, y, bias, ignore_index=-100, reduction="none")
+    return nll.reshape(-1)
 
 
 def memscore(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
              mask: Tensor | None = None, need_nll: bool = True, chunk_size: int | None = None,
-             backend: str | None = None) -> TokenScores:
+             backend: str | None = None, validate: bool = True) -> TokenScores:
     """Per-token greedy match and NLL of ``targets`` under ``lm_head(hidden)`` (see the module docstring).
 
     hidden ``[B,T,d]`` and weight ``[V,d]`` (and bias ``[V]``) share one dtype (float32/float16/bfloat16);
     targets ``[B,T]`` int64 in ``[0, V)`` where scored; mask ``[B,T]`` bool (None = score everything);
     chunk_size: vocab columns per tile (None = backend default).
+
+    ``validate`` (default True): NaN or inf in hidden or weight, and target ids outside the vocabulary,
+    raise ValueError -- one host sync per call (the weight is re-read only after it changed). Pass False
+    inside a hot loop whose inputs were checked already.
+
+    ``match`` never has gradients. ``nll`` has them when grad mode is on and hidden, weight or bias
+    requires grad: it is then computed by :func:`~tinymem_fast.ops.linear_cross_entropy.
+    fused_linear_cross_entropy` (the same definition), so memscore can be a loss.
     """
     return _token_scores(hidden, weight, targets, bias, mask, need_nll, False, chunk_size, backend,
-                         "memscore")
+                         "memscore", validate)
 
 
 def reduce_scores(scores: TokenScores, mask: Tensor | None = None) -> ExampleScores:
@@ -356,12 +446,13 @@ def reduce_scores(scores: TokenScores, mask: Tensor | None = None) -> ExampleSco
 
 def memscore_examples(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                       mask: Tensor | None = None, need_nll: bool = True, early_exit: bool = False,
-                      chunk_size: int | None = None, backend: str | None = None) -> ExampleScores:
+                      chunk_size: int | None = None, backend: str | None = None,
+                      validate: bool = True) -> ExampleScores:
     """:func:`memscore` reduced per example. ``early_exit=True`` (only with ``need_nll=False``) lets the
     fast backends stop scoring a token once it is provably a miss; every field is still exact and
     ``matched`` is still the full count."""
     scores = _token_scores(hidden, weight, targets, bias, mask, need_nll, early_exit, chunk_size, backend,
-                           "memscore_examples")
+                           "memscore_examples", validate)
     return reduce_scores(scores, mask)
 
 
@@ -419,18 +510,21 @@ def _check_pack(pack: HeadPack, weight: Tensor) -> None:
 
 def lm_head_argmax(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None,
                    chunk_size: int | None = None, backend: str | None = None,
-                   pack: HeadPack | None = None) -> Tensor:
+                   pack: HeadPack | None = None, validate: bool = True) -> Tensor:
     """``argmax_v`` of ``hidden[N,d] @ weight.T + bias`` (logits rounded to the input dtype, lowest index
     on ties) as int64 ``[N]``, tiled over the vocabulary: no ``[N,V]`` logits.
 
     ``pack`` (from :func:`pack_head`, reused across calls): on the cpp backend with float32 CPU inputs the
     logits are screened in bf16 and only the candidates for the maximum are recomputed in float32 -- the
     same ids as without it, about twice as fast. A pack that no longer matches ``weight`` raises ValueError.
+    ``validate``: as in :func:`memscore` (non-finite hidden or weight raise).
     """
     _check_head(hidden, weight, bias, 2)
     chunk = _check_chunk(chunk_size)
     if pack is not None:
         _check_pack(pack, weight)
+    if validate:
+        check_values(hidden, weight)
     b = _select("lm_head_argmax", "lm_head_argmax", hidden.device, backend)
     h = hidden.detach().contiguous()
     w = weight.detach().contiguous()

@@ -112,6 +112,16 @@ def register_fakes(fakes: dict) -> None:
             torch.library.register_fake(f"tinymem::{name}")(fn)
 
 
+def register_autograd(rules: dict) -> None:
+    """Register ``name -> (backward, setup_context)`` as the autograd formula of compiled ops, once, when
+    the op family's module is imported (ops the loaded extension lacks are skipped)."""
+    if ext() is None:
+        return
+    for name, (backward, setup_context) in rules.items():
+        if ext_has(name):
+            torch.library.register_autograd(f"tinymem::{name}", backward, setup_context=setup_context)
+
+
 # --- triton -----------------------------------------------------------------------------------
 
 
@@ -188,16 +198,32 @@ def _reason(op: str, b: str, device: torch.device, backends: tuple[str, ...],
 
 def select(op: str, device: torch.device | str, backend: str | None = None, *,
            backends: tuple[str, ...] = BACKENDS, ext_ops: tuple[str, ...] = (),
-           takes=None) -> str:
+           suits: bool = True) -> str:
     """Pick the backend for one call of ``op`` on ``device``: the one dispatcher of every op family.
 
     ``backends``: the backends the family has; ``ext_ops``: the compiled ops its cpp/cuda backends call;
-    ``takes(backend) -> str``: why this call's inputs do not suit a backend ('' if they do), consulted
-    for automatic choices only (an explicit choice runs, and the kernel says what it does not take).
+    ``suits``: whether this call's inputs suit the family's fast backend, consulted for automatic choices
+    only (an explicit choice runs, and the kernel says what it does not take).
     An explicit ``backend=`` (or ``TINYMEM_BACKEND``) that cannot run raises :class:`BackendUnavailable`
     with the reason; a process-wide ``TINYMEM_BACKEND`` naming a backend this family lacks is ignored.
-    An automatic choice that cannot run falls back to ``torch``, warning once per backend and device."""
+    An automatic choice that cannot run falls back to ``torch``, warning once per backend and device.
+
+    Under ``torch.compile`` the choice is made once, while tracing, and becomes a constant of the graph
+    (the environment, the extension and the warning are Python state dynamo cannot trace)."""
     device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return _select_traced(op, device.type, backend, tuple(backends), tuple(ext_ops), suits)
+    return _select(op, device, backend, backends, ext_ops, suits)
+
+
+@torch.compiler.assume_constant_result
+def _select_traced(op: str, device_type: str, backend: str | None, backends: tuple[str, ...],
+                   ext_ops: tuple[str, ...], suits: bool) -> str:
+    return _select(op, torch.device(device_type), backend, backends, ext_ops, suits)
+
+
+def _select(op: str, device: torch.device, backend: str | None, backends: tuple[str, ...],
+            ext_ops: tuple[str, ...], suits: bool) -> str:
     from_env = backend is None and bool(os.environ.get("TINYMEM_BACKEND"))
     requested = backend or os.environ.get("TINYMEM_BACKEND") or None
     if requested is not None:
@@ -224,9 +250,7 @@ def select(op: str, device: torch.device | str, backend: str | None = None, *,
             warnings.warn(f"tinymem_fast: {auto} backend unavailable on {device.type} ({why}); "
                           "falling back to the torch backend", RuntimeWarning, stacklevel=3)
         return "torch"
-    if takes is not None and takes(auto):
-        return "torch"
-    return auto
+    return auto if suits else "torch"
 
 
 def default_backend(device: str, *, backends: tuple[str, ...] = BACKENDS,
