@@ -21,6 +21,7 @@ SUITES = {
     "regularizers": "bench.pipelines.regularizers",
     "unlearning": "bench.pipelines.unlearning",
     "streaming": "bench.pipelines.streaming",
+    "hf_patch": "bench.pipelines.hf_patch",
     "tinymem_quick": "bench.experiments.tinymem_quick",
     "unlearning_quick": "bench.experiments.unlearning_quick",
     "method_baselines": "bench.experiments.method_baselines",
