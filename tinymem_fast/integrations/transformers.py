@@ -172,7 +172,7 @@ def _output(backbone_out, loss):
 
     # transformers 5.x renamed past_key_values to cache
     cache_key = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-    cache = backbone_out.get("cache", backbone_out.get("past_key_values"))
+    cache = backbone_out.get(cache_key)  # (asking 5.x for past_key_values logs a deprecation)
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=backbone_out.get("hidden_states"),
                                   attentions=backbone_out.get("attentions"), **{cache_key: cache})
 
