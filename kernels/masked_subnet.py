@@ -17,6 +17,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from . import launch, triton_op
 
 # (shift, bits) of each radix digit of the 31-bit key, most significant first. Depending on the Triton
 # version tl.histogram lowers to per-warp ballots (cost grows as bins * log2(bins)) or to shared-memory
@@ -140,7 +143,8 @@ def _tie_cut_kernel(s_ptr, state_ptr, counts_ptr, cum_ptr, block_ptr, cut_ptr, n
     tl.store(cut_ptr, tl.sum(tl.where(hit, offs + 1, 0), axis=0))
 
 
-def threshold(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+@triton_op("subnet_threshold")
+def threshold(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``(value, cut)`` dropping the ``k`` smallest ``|scores|`` (ties by flat index); equals
     ``threshold_torch``.
 
@@ -166,18 +170,18 @@ def threshold(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         value = torch.empty((), dtype=torch.float32, device=dev)
         programs = _hist_programs(n, dev)
         for p, (shift, bits) in enumerate(_DIGITS):
-            _radix_hist_kernel[(programs,)](s, state, hist[p], n, SHIFT=shift, BITS=bits,
-                                            NUM_BINS=1 << bits, BLOCK=_HIST_BLOCK,
-                                            num_warps=_HIST_WARPS)
-            _radix_select_kernel[(1,)](hist[p], state, value, SHIFT=shift, NUM_BINS=1 << bits,
-                                       LAST=p == len(_DIGITS) - 1, num_warps=1)
+            launch(_radix_hist_kernel, (programs,))(s, state, hist[p], n, SHIFT=shift, BITS=bits,
+                                                    NUM_BINS=1 << bits, BLOCK=_HIST_BLOCK,
+                                                    num_warps=_HIST_WARPS)
+            launch(_radix_select_kernel, (1,))(hist[p], state, value, SHIFT=shift, NUM_BINS=1 << bits,
+                                               LAST=p == len(_DIGITS) - 1, num_warps=1)
         blocks = triton.cdiv(n, _TIE_BLOCK)
         counts = torch.empty(blocks, dtype=torch.int32, device=dev)
-        _tie_count_kernel[(blocks,)](s, state, counts, n, BLOCK=_TIE_BLOCK)
+        launch(_tie_count_kernel, (blocks,))(s, state, counts, n, BLOCK=_TIE_BLOCK)
         cum = torch.cumsum(counts, 0, dtype=torch.int64)
         block = torch.searchsorted(cum, state[1:])
         cut = torch.empty((), dtype=torch.int64, device=dev)
-        _tie_cut_kernel[(1,)](s, state, counts, cum, block, cut, n, BLOCK=_TIE_BLOCK)
+        launch(_tie_cut_kernel, (1,))(s, state, counts, cum, block, cut, n, BLOCK=_TIE_BLOCK)
     return value, cut
 
 
@@ -198,8 +202,8 @@ def _masked_weight_kernel(w_ptr, s_ptr, value_ptr, cut_ptr, out_ptr, n, BLOCK: t
     tl.store(out_ptr + offs, w * keep.to(w.dtype), mask=valid)
 
 
-def masked_weight(weight: torch.Tensor, scores: torch.Tensor, value: torch.Tensor,
-                  cut: torch.Tensor) -> torch.Tensor:
+@triton_op("subnet_masked_weight")
+def masked_weight(weight: Tensor, scores: Tensor, value: Tensor, cut: Tensor) -> Tensor:
     """``weight * keep_mask`` in ``weight``'s dtype, the mask computed on the fly from ``scores``."""
     n = weight.numel()
     w = _flat("weight", weight.detach(), n)
@@ -208,8 +212,8 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, value: torch.Tenso
     if n == 0:
         return out
     with _device_guard(w):
-        _masked_weight_kernel[(triton.cdiv(n, _EW_BLOCK),)](w, s, value, cut, out, n, BLOCK=_EW_BLOCK,
-                                                            num_warps=_EW_WARPS)
+        launch(_masked_weight_kernel, (triton.cdiv(n, _EW_BLOCK),))(w, s, value, cut, out, n,
+                                                                    BLOCK=_EW_BLOCK, num_warps=_EW_WARPS)
     return out
 
 
@@ -228,7 +232,8 @@ def _ste_grad_kernel(g_ptr, w_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, ((g * w) * sign).to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def ste_grad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+@triton_op("subnet_ste_grad")
+def ste_grad(grad: Tensor, weight: Tensor, scores: Tensor) -> Tensor:
     """``(grad * weight) * sign(scores)`` computed in float32, returned in ``scores``' dtype."""
     n = scores.numel()
     g = _flat("grad", grad.detach(), n)
@@ -238,8 +243,8 @@ def ste_grad(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> 
     if n == 0:
         return out
     with _device_guard(s):
-        _ste_grad_kernel[(triton.cdiv(n, _EW_BLOCK),)](g, w, s, out, n, BLOCK=_EW_BLOCK,
-                                                       num_warps=_EW_WARPS)
+        launch(_ste_grad_kernel, (triton.cdiv(n, _EW_BLOCK),))(g, w, s, out, n, BLOCK=_EW_BLOCK,
+                                                               num_warps=_EW_WARPS)
     return out
 
 
@@ -263,8 +268,9 @@ def _sgd_step_kernel(s_ptr, g_ptr, buf_ptr, n, lr, momentum, weight_decay, MAXIM
     tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=valid)
 
 
-def sgd_step(scores: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float,
-             weight_decay: float, maximize: bool) -> None:
+@triton_op("subnet_sgd_step_", mutates_args=("scores", "buf"), opaque=True)
+def sgd_step(scores: Tensor, grad: Tensor, buf: Tensor, lr: float, momentum: float, weight_decay: float,
+             maximize: bool) -> None:
     """In place: ``buf = momentum * buf + (+-grad + weight_decay * s)``; ``s -= lr * buf``."""
     n = scores.numel()
     if not (scores.is_contiguous() and buf.is_contiguous()):

@@ -26,6 +26,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from . import launch, triton_op
 
 _BIG = tl.constexpr(2**31 - 1)
 
@@ -157,7 +160,7 @@ def target_upper_bound(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return (val + margin).to(h.dtype).float()
 
 
-def _run(h, w, b, y, need_nll: bool, early_exit: bool, chunk: int, split: int | None = None):
+def _run(h, w, b, y, need_nll: bool, early_exit: bool, chunk: int, split: int = 0):
     m, d = h.shape
     vocab = w.shape[0]
     cfg = _config(h, chunk)
@@ -174,7 +177,7 @@ def _run(h, w, b, y, need_nll: bool, early_exit: bool, chunk: int, split: int | 
     dead = torch.empty(s, m, dtype=torch.int8, device=dev) if early_exit else arg
     thi = target_upper_bound(h, w, b, y) if early_exit else best
     with _device_guard(h):
-        _memscore_kernel[(m_blocks, s)](
+        launch(_memscore_kernel, (m_blocks, s))(
             h, w, b if b is not None else h, y if has_t else arg, thi,
             best, arg, sums, tgt, dead, m, vocab, d, v_per_split,
             HAS_BIAS=b is not None, HAS_TARGETS=has_t, NEED_NLL=need_nll, EARLY_EXIT=early_exit,
@@ -193,9 +196,11 @@ def _run(h, w, b, y, need_nll: bool, early_exit: bool, chunk: int, split: int | 
     return out
 
 
-def memscore(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, need_nll: bool,
-             early_exit: bool, chunk: int = 0, split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat rows: h [M,d], w [V,d], b [V] or None, y [M] int64 -> (match bool [M], nll float32 [M])."""
+@triton_op("memscore")
+def memscore(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, need_nll: bool, early_exit: bool,
+             chunk: int = 0, split: int = 0) -> tuple[Tensor, Tensor]:
+    """Flat rows: h [M,d], w [V,d], b [V] or None, y [M] int64 -> (match bool [M], nll float32 [M]).
+    ``split``: vocabulary slices per token block (0 = chosen by the GPU's size)."""
     r = _run(h, w, b, y, need_nll, early_exit, chunk, split)
     match = r["arg"] == y
     if early_exit:
@@ -204,7 +209,7 @@ def memscore(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.
     return match, nll
 
 
-def lm_head_argmax(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, chunk: int = 0,
-                   split: int | None = None) -> torch.Tensor:
+@triton_op("lm_head_argmax")
+def lm_head_argmax(h: Tensor, w: Tensor, b: Tensor | None, chunk: int = 0, split: int = 0) -> Tensor:
     """h [N,d] -> int64 [N], argmax over V of the rounded logits (lowest index on ties)."""
     return _run(h, w, b, None, False, False, chunk, split)["arg"]

@@ -93,8 +93,9 @@ def test_attention_autograd_is_the_registered_formula():
                for _ in range(3))
     OPS.causal_attention_fwd(q, k, v, 0.5)[0].square().sum().backward()
     ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True, scale=0.5).square().sum().backward()
-    for a, b in zip((q, k, v), ref):
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa(*ref, is_causal=True, scale=0.5).square().sum().backward()
+    for a, b in zip((q, k, v), ref, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
@@ -106,9 +107,9 @@ def _triton_op(name):
         pytest.skip("triton backend unavailable here")
     triton_kernels("memscore", "_memscore_kernel")
     triton_kernels("masked_subnet", "_masked_weight_kernel")
-    from tinymem_fast.kernels import ops as triton_ops
+    from tinymem_fast import kernels
 
-    if not triton_ops.TRITON_OPS:
+    if not kernels.TRITON_OPS:
         pytest.skip(f"torch {torch.__version__} has no torch.library.triton_op")
     return getattr(torch.ops.tinymem_triton, name)
 
@@ -189,7 +190,7 @@ def test_compile_memscore(backend, fresh_dynamo):
 
     got = torch.compile(score, fullgraph=True, backend="aot_eager")(h, w, y_pad, mask)
     want = score(h, w, y_pad, mask)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -221,5 +222,5 @@ def test_compile_fused_attention_model(fresh_dynamo):
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, x2.grad)
-    for a, p in zip(grads, block.parameters()):
+    for a, p in zip(grads, block.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)

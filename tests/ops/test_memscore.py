@@ -195,7 +195,7 @@ TRITON_SHAPES = [(1, 37, 13), (37, 20, 1000), (70, 64, 777), gpu_only((3000, 256
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=case_id)
-@pytest.mark.parametrize("chunk,split", [(0, None), (16, 3), (100, 1)])
+@pytest.mark.parametrize("chunk,split", [(0, 0), (16, 3), (100, 1)])
 def test_triton_kernels_match_reference(tk, shape, dtype, chunk, split):
     dev = ready("triton", dtype)
     m, d, v = shape
@@ -221,7 +221,7 @@ def test_triton_kernels_forced_ties_exact(tk, dtype, v, chunk):
     h, w, b, y = quantised_problem(24, 16, v, dtype, bias=True, seed=v, chunk=chunk, device=dev)
     arg, match, nll = naive_scores(h, w, b, y)
     assert bool((~match).any()) and bool(match.any())
-    for split in (None, 2):
+    for split in (0, 2):  # 0: the kernel's own choice
         got, got_nll = tk.memscore(h, w, b, y, True, False, chunk, split)
         assert torch.equal(got, match)
         torch.testing.assert_close(got_nll, nll, atol=1e-5, rtol=1e-5)
@@ -477,3 +477,104 @@ def test_compiled_ops_have_fake_implementations():
         arg = torch.ops.tinymem.lm_head_argmax(fh, fw, None, 0)
     assert match.shape == (5,) and match.dtype == torch.bool and nll.dtype == torch.float32
     assert arg.shape == (5,) and arg.dtype == torch.int64
+
+
+# --- suppressed ids and non-finite inputs, on every backend ---------------------------------------
+
+
+@pytest.mark.parametrize("where", ["last_id", "first_chunk", "all_but_target_chunk"])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("backend", cases(["torch", "cpp", "triton", "cuda"]))
+def test_suppressed_ids_filling_a_vocab_chunk(backend, rows, where):
+    """A vocabulary tile or slice whose logits are all -inf (ids suppressed with a -inf bias; an EOS as the
+    last id with V = 1 mod the chunk size) adds nothing to the NLL. Its online sum of exps used to take
+    exp(-inf - -inf) = NaN, and the row's NLL became NaN where the reference is finite."""
+    dev = ready(backend, torch.float32)
+    chunk, vocab = 16, 3 * 16 + 1
+    g = torch.Generator().manual_seed(rows)
+    h, w = torch.randn(rows, 8, generator=g), torch.randn(vocab, 8, generator=g)
+    bias = torch.randn(vocab, generator=g)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    if where == "last_id":
+        allowed[-1] = False
+    elif where == "first_chunk":
+        allowed[:chunk] = False
+    else:
+        allowed[: 2 * chunk] = False
+        allowed[3 * chunk:] = False
+    bias[~allowed] = float("-inf")
+    ids = allowed.nonzero().squeeze(1)
+    y = ids[torch.randint(0, ids.numel(), (rows,), generator=g)]
+    logits = h.double() @ w.double().t() + bias.double()
+    nll_ref = (torch.logsumexp(logits, 1) - logits.gather(1, y[:, None]).squeeze(1)).float()
+    for split in (0, 2, 4) if backend == "triton" else (None,):
+        if split is None:
+            got = memscore(h[None].to(dev), w.to(dev), y[None].to(dev), bias=bias.to(dev), chunk_size=chunk,
+                           backend=backend)
+            match, nll = got.match[0].cpu(), got.nll[0].cpu()
+        else:
+            match, nll = triton_kernels().memscore(h.to(dev), w.to(dev), bias.to(dev), y.to(dev), True, False,
+                                                   chunk, split)
+            match, nll = match.cpu(), nll.cpu()
+        assert torch.isfinite(nll).all(), (split, nll)
+        torch.testing.assert_close(nll, nll_ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(match, logits.argmax(1) == y)
+        arg = lm_head_argmax(h.to(dev), w.to(dev), bias=bias.to(dev), chunk_size=chunk, backend=backend)
+        assert bool(allowed[arg.cpu()].all())
+
+
+@pytest.mark.parametrize("backend", cases(["torch", "cpp", "triton", "cuda"]))
+def test_non_finite_hidden_or_weight_raise(backend):
+    dev = ready(backend, torch.float32)
+    h, w, y = (t.to(dev) for t in _ok())
+    for bad, name in ((float("nan"), "hidden"), (float("inf"), "hidden"), (float("nan"), "weight"),
+                      (float("-inf"), "weight")):
+        hh, ww = h.clone(), w.clone()
+        (hh if name == "hidden" else ww)[1, 2 if name == "hidden" else 3] = bad
+        pattern = ("hidden holds .* at position \\[1, 2" if name == "hidden"
+                   else "weight .*holds .* at \\[1, 3\\]")
+        with pytest.raises(ValueError, match=pattern):
+            memscore(hh, ww, y, backend=backend)
+        with pytest.raises(ValueError, match=pattern):
+            memscore_examples(hh, ww, y, need_nll=False, early_exit=True, backend=backend)
+        with pytest.raises(ValueError, match="hidden holds" if name == "hidden" else "weight .*holds"):
+            lm_head_argmax(hh[1], ww, backend=backend)
+    # a -inf bias is how ids are suppressed: accepted; validate=False skips the checks (and their sync)
+    bias = torch.zeros(10, device=dev)
+    bias[3] = float("-inf")
+    s = memscore(h, w, torch.full_like(y, 3), bias=bias, backend=backend)
+    assert not bool(s.match.any()) and bool(torch.isinf(s.nll).all())  # a suppressed id: never, +inf NLL
+    h[0, 0, 0] = float("nan")
+    memscore(h, w, y, backend=backend, validate=False)
+
+
+def test_weight_checked_again_only_after_it_changed():
+    w = torch.randn(10, 8)
+    h, _, y = _ok()
+    memscore(h, w, y)
+    with torch.no_grad():
+        w[0, 0] = float("nan")  # an in-place write bumps the version counter: checked again
+    with pytest.raises(ValueError, match="weight"):
+        memscore(h, w, y)
+
+
+def test_nll_has_gradients_when_inputs_require_them():
+    """memscore as a loss: the NLL carries gradients (via the fused linear cross-entropy), equal to those of
+    the plain logits path; match never has any."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 4, 8, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(11, 8, generator=g).requires_grad_()
+    y = torch.randint(0, 11, (2, 4), generator=g)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 3] = False
+    s = memscore(h, w, y, mask=mask)
+    assert s.nll.requires_grad and not s.match.requires_grad
+    s.nll.sum().backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy((h2 @ w2.t()).view(-1, 11), y.view(-1), reduction="none")
+    (ref * mask.view(-1)).sum().backward()
+    torch.testing.assert_close(s.nll.detach(), (ref * mask.view(-1)).detach().view(2, 4))
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    with torch.no_grad():
+        assert not memscore(h, w, y).nll.requires_grad

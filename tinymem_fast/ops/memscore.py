@@ -273,8 +273,10 @@ def scores_torch(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
             best_i = torch.where(better, ci + v0, best_i)
             new_best = torch.where(better, cmax, best)
             if need_nll:
-                sumexp = sumexp * torch.exp(best - new_best) if v0 else sumexp
-                sumexp = sumexp + torch.exp(lg - new_best[:, None]).sum(1)
+                # while every logit so far is -inf (suppressed ids) the sum stays 0, not exp(-inf - -inf)
+                shift = torch.where(new_best == float("-inf"), 0.0, new_best)
+                sumexp = sumexp * torch.exp(best - shift) if v0 else sumexp
+                sumexp = sumexp + torch.exp(lg - shift[:, None]).sum(1)
                 inside = (y >= v0) & (y < v1)
                 got = lg.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
                 tgt = torch.where(inside, got, tgt)
