@@ -6,6 +6,7 @@ from . import linear_cross_entropy as _linear_cross_entropy
 from . import masked_subnet as _masked_subnet
 from . import memscore as _memscore
 from .attention import causal_attention, causal_attention_available
+from .greedy import GreedyOutput, greedy_decode
 from .linear_cross_entropy import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .masked_subnet import (
     MaskedSubnet,
@@ -36,6 +37,7 @@ __all__ = [
     "BackendUnavailable",
     "ExampleScores",
     "FusedLinearCrossEntropyLoss",
+    "GreedyOutput",
     "MaskedSubnet",
     "OP_FAMILIES",
     "SubnetSGD",
@@ -44,6 +46,7 @@ __all__ = [
     "causal_attention",
     "causal_attention_available",
     "fused_linear_cross_entropy",
+    "greedy_decode",
     "lm_head_argmax",
     "masked_linear",
     "masked_weight",
