@@ -8,7 +8,7 @@ Triton ops run in the interpreter on CPU tensors without a GPU (tests/conftest.p
 
 import pytest
 import torch
-from backend_cases import triton_kernels
+from backend_cases import needs_cuda_backend, triton_kernels
 from conftest import backend_or_skip
 
 from tinymem_fast.ops import registry
@@ -99,6 +99,23 @@ def test_attention_autograd_is_the_registered_formula():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cuda
+@needs_cuda_backend
+def test_opcheck_cuda_ops():
+    g = _gen(12)
+    s, w, grad = (torch.randn(7, 13, generator=g).cuda() for _ in range(3))
+    value, cut = OPS.subnet_threshold(s, 30)
+    _opcheck(OPS.subnet_threshold, (s, 30))
+    _opcheck(OPS.subnet_masked_weight, (w, s, value, cut))
+    _opcheck(OPS.subnet_ste_grad, (grad, w, s))
+    _opcheck(OPS.subnet_sgd_step_, (s.clone(), grad, torch.zeros_like(s), 0.1, 0.9, 5e-4, False))
+    h, hw = torch.randn(9, 64, generator=g).cuda(), torch.randn(300, 64, generator=g).cuda()
+    y = torch.randint(0, 300, (9,), generator=g).cuda()
+    for need_nll, early_exit in ((True, False), (False, False), (False, True)):
+        _opcheck(OPS.memscore, (h, hw, None, y, need_nll, early_exit, 0))
+    _opcheck(OPS.lm_head_argmax, (h, hw, hw[:, 0].contiguous(), 0))
+
+
 # --- Triton ops ---------------------------------------------------------------------------------
 
 
@@ -149,8 +166,9 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_compile_masked_subnet_forward_backward(backend, fresh_dynamo):
+@pytest.mark.parametrize("backend,compiler",
+                         [("torch", "aot_eager"), ("cpp", "aot_eager"), ("cpp", "inductor")])
+def test_compile_masked_subnet_forward_backward(backend, compiler, fresh_dynamo):
     backend_or_skip(backend)
     g = _gen(7)
     base = torch.nn.Linear(12, 9)
@@ -159,7 +177,7 @@ def test_compile_masked_subnet_forward_backward(backend, fresh_dynamo):
     eager.load_state_dict(layer.state_dict())
     x = torch.randn(4, 3, 12, generator=g, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=compiler)
     out = compiled(x)
     out.square().sum().backward()
     ref = eager(x2)
@@ -224,3 +242,39 @@ def test_compile_fused_attention_model(fresh_dynamo):
     torch.testing.assert_close(x.grad, x2.grad)
     for a, p in zip(grads, block.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
+
+
+def _tiny_hf(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(10)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=100)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compile_hf_model_with_tinymem_attention_and_loss(family, fresh_dynamo):
+    """A Hugging Face model patched by apply_tinymem (fused attention, fused linear cross-entropy) compiles
+    whole: forward without labels, and the fused loss with its backward."""
+    _cpp()
+    from tinymem_fast.integrations.transformers import apply_tinymem
+
+    model = _tiny_hf(family)
+    ids = torch.randint(0, 100, (2, 9), generator=_gen(11))
+    ref = model(input_ids=ids, labels=ids, use_cache=False)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    apply_tinymem(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits = compiled(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-5)
+    out = compiled(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

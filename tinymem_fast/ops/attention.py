@@ -43,6 +43,7 @@ DISPATCH = {"backends": ("torch", "cpp"), "ext_ops": _EXT_OPS}
 
 
 
+@torch.compiler.assume_constant_result  # traced once: the extension does not come and go
 def causal_attention_available() -> bool:
     """The compiled kernel can run here: the extension is loaded and has the attention ops."""
     return registry.ext() is not None and all(registry.ext_has(op) for op in _EXT_OPS)
