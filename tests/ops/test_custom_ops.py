@@ -62,6 +62,9 @@ def test_opcheck_memscore(need_nll, early_exit, bias):
 
 def test_opcheck_screened_head():
     _cpp()
+    # the host queries (no tensors) are ops too: schema and dispatch still checked
+    _opcheck(OPS.head_screen_available, ())
+    _opcheck(OPS.head_screen_stats, (False,))
     if not head_screen_available():
         pytest.skip("the bf16-screened head needs a CPU with AVX512-BF16")
     g = _gen(2)
