@@ -6,6 +6,7 @@
 #include "cpu/causal_attention.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/head_screen.h"
+#include "cpu/linear_cross_entropy.h"
 #include "cpu/masked_subnet.h"
 #include "cpu/memscore.h"
 
@@ -36,6 +37,16 @@ TORCH_LIBRARY(tinymem, m) {
   m.def("causal_attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   m.def("causal_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Fused linear + cross-entropy (csrc/cpu/linear_cross_entropy.cpp, ops/linear_cross_entropy.py): hidden [N, d],
+  // weight [V, d], bias [V]?, targets [N] int64; reduction 0 none / 1 mean / 2 sum. fwd -> loss float32 ([N] or
+  // 0-dim), lse float32 [N], and for mean/sum the gradients of a unit upstream gradient as need_* asks (a
+  // half-precision weight's comes from bwd; grad_bias float32); bwd: the gradients for `grad`.
+  m.def("linear_ce_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, int ignore_index, "
+        "float label_smoothing, int reduction, bool need_hidden, bool need_weight, bool need_bias, int chunk_rows) "
+        "-> (Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def("linear_ce_bwd(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, "
+        "int ignore_index, float label_smoothing, int reduction, bool need_hidden, bool need_weight, "
+        "bool need_bias, int chunk_rows) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
@@ -49,6 +60,8 @@ TORCH_LIBRARY_IMPL(tinymem, CPU, m) {
   m.impl("lm_head_argmax_screened", &tinymem::cpu::lm_head_argmax_screened);
   m.impl("causal_attention_fwd", &tinymem::cpu::causal_attention_fwd);
   m.impl("causal_attention_bwd", &tinymem::cpu::causal_attention_bwd);
+  m.impl("linear_ce_fwd", &tinymem::cpu::linear_ce_fwd);
+  m.impl("linear_ce_bwd", &tinymem::cpu::linear_ce_bwd);
 }
 
 namespace {

@@ -34,8 +34,8 @@ and a fused, vectorised softmax-gradient between them; ``torch.ops.tinymem.linea
 ``torch`` (the same algorithm in PyTorch ops; the reference, and the path on other devices).
 
 Bad inputs raise one-line errors before any work: shapes, dtypes, devices, targets outside ``[0, V)``
-other than ``ignore_index``, and NaN/inf in ``hidden`` or ``weight`` (``check_finite=False`` skips that
-one). The value checks cost one host synchronisation and are skipped while ``torch.compile`` traces.
+other than ``ignore_index``, and NaN/inf in ``hidden`` or ``weight`` (``validate=False`` skips these two
+data checks). They cost one host synchronisation and are skipped while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -115,14 +115,13 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def _check_values(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
-                  check_finite: bool) -> None:
+def _check_values(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> None:
     """Targets in range and finite inputs, with one host synchronisation. A sum is NaN/inf iff some
     entry is (up to an overflow of the sum itself, which the slow path below tells apart), and it needs
     no input-sized temporary, unlike ``isfinite(weight).all()``."""
     vocab = weight.shape[0]
     flags = [((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).any()]
-    if check_finite and hidden.numel():
+    if hidden.numel():
         flags += [hidden.sum(dtype=torch.float32).isfinite().logical_not(),
                   weight.sum(dtype=torch.float32).isfinite().logical_not()]
     bad = torch.stack(flags).tolist()
@@ -168,13 +167,15 @@ def _rows_pass(h, w, b, y, valid, scale, eps, lse, chunk, need_h, need_w, need_b
     n_rows, vocab = h.shape[0], w.shape[0]
     half = h.dtype != torch.float32
     forward = lse is None
+    grads = need_h or (need_w and not half) or need_b
+    if not (forward or grads):
+        return lse, None, None, None, None
     if forward:
         lse = torch.empty(n_rows, dtype=torch.float32, device=h.device)
     loss = torch.zeros(n_rows if forward else 0, dtype=torch.float32, device=h.device)
     gh = torch.empty_like(h) if need_h else None
     gw = torch.zeros_like(w) if need_w and not half else None
     gb = torch.zeros(vocab, dtype=torch.float32, device=h.device) if need_b else None
-    grads = need_h or (need_w and not half) or need_b
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
         hc, yc = h[r0:r1], y[r0:r1]
@@ -280,44 +281,65 @@ def _bwd_fake(grad, h, w, b, y, lse, ignore_index, eps, reduction, need_h, need_
 registry.register_fakes({"linear_ce_fwd": _fwd_fake, "linear_ce_bwd": _bwd_fake})
 
 
-def _ops(backend: str):
-    if backend == "torch":
-        return linear_ce_fwd_torch, linear_ce_bwd_torch
-    return torch.ops.tinymem.linear_ce_fwd, torch.ops.tinymem.linear_ce_bwd
+def _grads(grad: Tensor, saved, need, args, chunk_rows: int, bwd):
+    """The backward of either backend: the input gradients for the upstream ``grad``, from what the
+    forward saved. Gradients the forward made (mean/sum) are scaled; the others are computed by ``bwd``
+    from the row logsumexps (all of them for "none"; a half-precision weight's; any the forward was not
+    asked for, when the op is called directly)."""
+    h, w, b, y, lse, gh, gw, gb = saved
+    need_h, need_w, need_b = need
+    need_b = need_b and b is not None
+    if args[2] == REDUCTIONS["none"]:
+        grad = grad.contiguous()
+        todo = (need_h, need_w, need_b)
+    else:
+        todo = (need_h and gh.numel() != h.numel(), need_w and gw.numel() != w.numel(),
+                need_b and gb.numel() != w.shape[0])
+    got = (None,) * 3
+    if any(todo):
+        with torch.no_grad():  # the gradients are not differentiable again (no double backward)
+            got = bwd(grad, h, w, b, y, lse, *args, *todo, chunk_rows)
+    out = [None if not want else new if made else g * grad
+           for made, want, g, new in zip(todo, (need_h, need_w, need_b), (gh, gw, gb), got, strict=True)]
+    if out[2] is not None:
+        out[2] = out[2].to(b.dtype)
+    return out
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class _TorchLinearCrossEntropy(torch.autograd.Function):
+    """The torch backend's autograd (the compiled op has its formula registered on the op itself)."""
+
     @staticmethod
-    def forward(ctx, h, w, b, y, ignore_index, eps, reduction, chunk_rows, backend, need):
-        fwd, _ = _ops(backend)
-        loss, lse, gh, gw, gb = fwd(h, w, b, y, ignore_index, eps, reduction, *need, chunk_rows)
-        ctx.reduction, ctx.need, ctx.backend = reduction, need, backend
-        ctx.args = (ignore_index, eps, reduction)
-        ctx.chunk_rows = chunk_rows
-        ctx.bias_dtype = b.dtype if b is not None else None
+    def forward(ctx, h, w, b, y, ignore_index, eps, reduction, need_h, need_w, need_b, chunk_rows):
+        loss, lse, gh, gw, gb = linear_ce_fwd_torch(h, w, b, y, ignore_index, eps, reduction, need_h, need_w,
+                                                    need_b, chunk_rows)
+        ctx.args, ctx.chunk_rows = (ignore_index, eps, reduction), chunk_rows
         ctx.save_for_backward(h, w, b, y, lse, gh, gw, gb)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        need_h, need_w, need_b = ctx.need
-        h, w, b, y, lse, gh, gw, gb = ctx.saved_tensors
-        _, bwd = _ops(ctx.backend)
-        if ctx.reduction == REDUCTIONS["none"]:
-            gh, gw, gb = bwd(grad.contiguous(), h, w, b, y, lse, *ctx.args, need_h, need_w, need_b,
-                             ctx.chunk_rows)
-        else:
-            # the forward computed the gradients of a unit upstream gradient: scale them; a half-precision
-            # weight gradient is computed now, with the scale inside its one rounding
-            if need_w and gw.numel() != w.numel():
-                gw = bwd(grad, h, w, b, y, lse, *ctx.args, False, True, False, ctx.chunk_rows)[1]
-            elif need_w:
-                gw = gw * grad
-            gh = gh * grad if need_h else None
-            gb = gb * grad if need_b else None
-        return (gh if need_h else None, gw if need_w else None,
-                gb.to(ctx.bias_dtype) if need_b else None, None, None, None, None, None, None, None)
+        gh, gw, gb = _grads(grad, ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.args, ctx.chunk_rows,
+                            linear_ce_bwd_torch)
+        return gh, gw, gb, *([None] * 8)
+
+
+def _setup_context(ctx, inputs, output):
+    h, w, b, y, ignore_index, eps, reduction, _nh, _nw, _nb, chunk_rows = inputs
+    _loss, lse, gh, gw, gb = output
+    ctx.args, ctx.chunk_rows = (ignore_index, eps, reduction), chunk_rows
+    ctx.save_for_backward(h, w, b, y, lse, gh, gw, gb)
+
+
+def _backward(ctx, grad, *_unused):
+    # lse and the forward-made gradients are outputs for the backward's sake; nothing differentiates them
+    gh, gw, gb = _grads(grad, ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.args, ctx.chunk_rows,
+                        torch.ops.tinymem.linear_ce_bwd)
+    return gh, gw, gb, *([None] * 8)
+
+
+registry.register_autograd({"linear_ce_fwd": (_backward, _setup_context)})
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -326,7 +348,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
                                ignore_index: int = -100, reduction: str = "mean",
                                label_smoothing: float = 0.0, *, chunk_rows: int | None = None,
-                               check_finite: bool = True, backend: str | None = None) -> Tensor:
+                               validate: bool = True, backend: str | None = None) -> Tensor:
     """Cross-entropy of ``targets`` under the logits ``F.linear(hidden, weight, bias)`` without
     materialising them (see the module docstring for the exact semantics).
 
@@ -334,15 +356,16 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
     bfloat16); targets ``[...]`` integer in ``[0, V)`` or ``ignore_index``. Returns float32: a scalar for
     ``reduction="mean"``/``"sum"``, ``targets.shape`` for ``"none"`` (0 at ignored positions).
     Differentiable in hidden, weight and bias (gradients in their dtypes). ``chunk_rows``: rows per
-    chunk (None = as many as fit ``CHUNK_BYTES`` of logits); ``check_finite=False`` skips the NaN/inf
-    check of hidden and weight (a NaN then propagates to the loss, as in the plain path).
+    chunk (None = as many as fit ``CHUNK_BYTES`` of logits); ``validate=False`` skips the checks that read
+    the data (targets in range, hidden and weight finite: a NaN then propagates to the loss, as in the
+    plain path), for callers that guarantee them.
     """
     _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothing)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    if not torch.compiler.is_compiling():
-        _check_values(hidden, weight, targets, ignore_index, check_finite)
+    if validate and not torch.compiler.is_compiling():
+        _check_values(hidden, weight, targets, ignore_index)
     b = registry.select("fused_linear_cross_entropy", hidden.device, backend, **DISPATCH)
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
@@ -354,8 +377,11 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
     need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
     red = REDUCTIONS[reduction]
-    loss = _LinearCrossEntropy.apply(h, w, bias_c, y, int(ignore_index), float(label_smoothing), red,
-                                     int(chunk_rows or 0), b, need)
+    args = (h, w, bias_c, y, int(ignore_index), float(label_smoothing), red, *need, int(chunk_rows or 0))
+    if b == "torch":
+        loss = _TorchLinearCrossEntropy.apply(*args)
+    else:
+        loss = torch.ops.tinymem.linear_ce_fwd(*args)[0]
     return loss.view(targets.shape) if red == REDUCTIONS["none"] else loss
 
 
