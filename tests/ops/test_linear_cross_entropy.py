@@ -283,3 +283,65 @@ def test_compile_fullgraph(backend, reduction, fresh_dynamo):
     torch.testing.assert_close(out, ref)
     for a, r in zip(got, (x2.grad, head.weight.grad, head.bias.grad), strict=True):
         torch.testing.assert_close(a, r)
+
+
+# --- token_loss (training and the unlearning methods' losses) takes the fused op on large heads --------
+
+
+def _tiny_lm(arch: str, vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":  # tied head, dropout on: the fused path must draw the same dropout masks
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                          bos_token_id=None, eos_token_id=None))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32,
+                                            max_position_embeddings=16))
+
+
+@pytest.mark.parametrize("arch,precision", [("gpt2", "fp32"), ("gpt_neox", "fp32"), ("gpt2", "bf16")])
+def test_token_loss_fused_matches_plain(arch, precision):
+    from tinymem_fast.integrations.mixed_precision import autocast
+    from tinymem_fast.tinymem import training
+
+    model = _tiny_lm(arch, training.FUSED_CE_MIN_VOCAB + 3)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(0, training.FUSED_CE_MIN_VOCAB, (3, 9), generator=g)
+    pad = torch.zeros_like(x, dtype=torch.bool)
+    pad[1, 6:] = True
+    results = []
+    for fused in (None, False):
+        model.zero_grad()
+        torch.manual_seed(5)
+        with autocast(model, precision, "cpu"):
+            seq, n = training.token_loss(model, x, pad, False, fused=fused)
+        seq.sum().backward()
+        results.append((seq.detach(), n, [p.grad.clone() for p in model.parameters()]))
+    (seq_f, n_f, grads_f), (seq_p, n_p, grads_p) = results
+    assert torch.equal(n_f, n_p)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(seq_f, seq_p, **tol)
+    for a, b in zip(grads_f, grads_p, strict=True):
+        scale = float(b.abs().max().clamp(min=1e-6))
+        torch.testing.assert_close(a / scale, b / scale, **tol)
+
+
+def test_token_loss_keeps_small_heads_and_hooks_on_the_plain_path(monkeypatch):
+    from tinymem_fast.tinymem import training
+
+    calls = []
+    monkeypatch.setattr(training, "_fused_token_ce", lambda *a: calls.append(a) or 1 / 0)
+    x = torch.randint(0, 50, (2, 8))
+    pad = torch.zeros_like(x, dtype=torch.bool)
+    training.token_loss(_tiny_lm("gpt2", 50), x, pad, False)  # a small head: plain
+    big = _tiny_lm("gpt_neox", training.FUSED_CE_MIN_VOCAB)
+    handle = big.get_output_embeddings().register_forward_hook(lambda *a: None)
+    training.token_loss(big, x, pad, False)  # a hooked head must see its forward: plain
+    with pytest.raises(ValueError, match="no plain linear LM head"):
+        training.token_loss(big, x, pad, False, fused=True)
+    handle.remove()
+    assert not calls
+    with pytest.raises(ZeroDivisionError):
+        training.token_loss(big, x, pad, False)
+    assert len(calls) == 1

@@ -96,16 +96,69 @@ def build_model_for(data, model_cfg, seed: int = 0):
     return build_model(model_cfg, vocab, data.config.max_ctx, seed=seed, **ids)
 
 
-def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool):
-    """Per-sequence mean CE over counted targets, plus the counts (pads skipped unless loss_on_pad)."""
-    logits = model(x).logits[:, :-1]
+# heads with at least this many rows take the fused linear cross-entropy in token_loss: at GPT-2's 50,257
+# the [B, T, V] float32 logits (and their log-softmax and gradient) dominate a small model's step memory
+FUSED_CE_MIN_VOCAB = 16384
+
+
+def _fused_head(model):
+    """(base model, head) when the logits are exactly ``head(base_model(x))`` -- a plain linear head that no
+    hook watches and no config setting transforms -- else None (token_loss then runs the model itself)."""
+    from ..integrations.adapters import UnsupportedArchitecture, head_transform, lm_backbone_and_head
+
+    try:
+        body, head = lm_backbone_and_head(model)
+    except UnsupportedArchitecture:
+        return None
+    # hooks on the model or its head (second-order's input/gradient capture) would be bypassed
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (model, head)) or head_transform(model):
+        return None
+    return body, head
+
+
+def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool, fused: bool | None = None):
+    """Per-sequence mean CE over counted targets, plus the counts (pads skipped unless loss_on_pad).
+
+    ``fused``: compute the CE from the final hidden states with the fused linear cross-entropy
+    (:func:`~tinymem_fast.ops.fused_linear_cross_entropy`, no ``[B, T, V]`` logits; same values within
+    float rounding); None = when the head has at least ``FUSED_CE_MIN_VOCAB`` rows and is a plain linear
+    head over the base model, False = never, True = always (a model without such a head raises).
+    """
     tgt = x[:, 1:]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
-                         reduction="none").view(tgt.shape)
     counted = torch.ones_like(tgt, dtype=torch.bool) if loss_on_pad else ~pad[:, 1:]
+    parts = _fused_head(model) if fused is not False else None
+    if fused and parts is None:
+        raise ValueError(f"token_loss(fused=True): {type(model).__name__} has no plain linear LM head over "
+                         "its base model (or a hook/logit transform on it); use fused=None or False")
+    if parts is not None and (fused or parts[1].weight.shape[0] >= FUSED_CE_MIN_VOCAB):
+        ce = _fused_token_ce(parts, x, tgt, counted)
+    else:
+        logits = model(x).logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                             reduction="none").view(tgt.shape)
     ce = ce * counted
     n = counted.sum(1)
     return ce.sum(1) / n.clamp(min=1), n
+
+
+def _fused_token_ce(parts, x: torch.Tensor, tgt: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    from ..ops.linear_cross_entropy import fused_linear_cross_entropy
+
+    body, head = parts
+    out = body(input_ids=x, use_cache=False)
+    hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[:, :-1]
+    weight, bias = head.weight, head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # what autocast does to the head's F.linear: both sides in its dtype, so the logits round the same
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    # the model ran already: a diverged one must give the NaN/inf loss the callers check for, not a raise
+    return fused_linear_cross_entropy(hidden, weight, tgt.masked_fill(~counted, -100), bias,
+                                      reduction="none", validate=False)
 
 
 def epoch_order(copies: torch.Tensor, seed: int, epoch: int, with_copy_ids: bool = False):
