@@ -10,8 +10,9 @@ both. Steps are interleaved -- one step of each provider per round, the order ro
 of a shared machine hit every provider alike. Ratio = stock time / this time.
 
 Peak memory: growth of the process's peak RSS during one more step of that provider alone. The note
-gives ``|loss - stock loss|`` at the first step (same weights, same batch) and after the timed steps
-(the trajectories drift apart by rounding). ``BENCH_SMOKE=1``: vocabulary 2,048, 32 tokens.
+gives the absolute loss difference to stock at the first step (same weights, same batch) and after the
+timed steps (the trajectories drift apart by rounding), and the backend each fused op ran on (a stale compiled
+extension without an op runs its torch backend). ``BENCH_SMOKE=1``: vocabulary 2,048, 32 tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import transformers as hf
 
 from bench.harness import Row, cpu_peak_mib, sync, with_ratios
 from tinymem_fast.integrations.transformers import apply_tinymem
+from tinymem_fast.ops import attention, linear_cross_entropy, registry
 
 STOCK = "HF stock (sdpa + logits CE)"
 PROVIDERS = {STOCK: None, "tinymem attention only": dict(attention=True, cross_entropy=False),
@@ -94,8 +96,14 @@ def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
             for name in names:
                 peak = cpu_peak_mib(steps[name]) if device == "cpu" else None
                 d_first, d_last = abs(first[name] - first[STOCK]), abs(last[name] - last[STOCK])
-                note = (f"loss {first[name]:.4f}; |dloss| vs stock: step 1 {d_first:.1e}, "
+                note = (f"loss {first[name]:.4f}; loss diff vs stock: step 1 {d_first:.1e}, "
                         f"step {len(times[name]) + 2} {d_last:.1e}")
+                if kw := PROVIDERS[name]:
+                    used = [f"{what} backend {registry.default_backend(device, **fam.DISPATCH)}"
+                            for what, fam, on in (("attention", attention, kw["attention"]),
+                                                  ("fused CE", linear_cross_entropy, kw["cross_entropy"]))
+                            if on]
+                    note += "; " + ", ".join(used)
                 case_rows.append(Row("hf_patch", case, name, *_quantiles(times[name]), peak_mib=peak,
                                      note=note, extra={"first_loss": first[name], "last_loss": last[name]}))
             with_ratios(case_rows, STOCK)
