@@ -30,8 +30,9 @@ How the work is laid out (every backend):
   logits but no float32 ``[V, d]`` buffer and no precision lost to per-chunk rounding.
 
 Backends (``registry.select``): ``cpp`` (CPU; csrc/cpu/linear_cross_entropy.cpp: ATen GEMMs on the chunks
-and a fused, vectorised softmax-gradient between them; ``torch.ops.tinymem.linear_ce_fwd/_bwd``) and
-``torch`` (the same algorithm in PyTorch ops; the reference, and the path on other devices).
+and a fused, vectorised softmax-gradient between them; ``torch.ops.tinymem.linear_ce_fwd/_bwd``),
+``triton`` (CUDA: torch's GEMMs on the chunks and a Triton kernel for the elementwise step in place,
+kernels/linear_cross_entropy.py) and ``torch`` (the same algorithm in PyTorch ops; the reference).
 
 Bad inputs raise one-line errors before any work: shapes, dtypes, devices, targets outside ``[0, V)``
 other than ``ignore_index``, and NaN/inf in ``hidden`` or ``weight`` (``validate=False`` skips these two
@@ -56,7 +57,7 @@ CHUNK_BYTES = 64 << 20
 OPS = ("fused_linear_cross_entropy",)
 _EXT_OPS = ("linear_ce_fwd", "linear_ce_bwd")
 # how registry.select dispatches this family
-DISPATCH = {"backends": ("torch", "cpp"), "ext_ops": _EXT_OPS}
+DISPATCH = {"backends": ("torch", "cpp", "triton"), "ext_ops": _EXT_OPS}
 
 
 def default_chunk_rows(n_rows: int, vocab: int) -> int:
@@ -149,19 +150,43 @@ def _row_scale(valid: Tensor, reduction: int) -> Tensor:
     return scale
 
 
-def _softmax_grad_(z: Tensor, lse: Tensor, y: Tensor, scale: Tensor, eps: float, vocab: int,
-                   v0: int = 0) -> Tensor:
-    """``z[r, :]`` (float32 logits of columns ``v0..``) becomes ``dz`` in place (module docstring)."""
-    z.sub_(lse[:, None]).exp_()
+def _ce_rows_torch(z: Tensor, y: Tensor, scale: Tensor, lse: Tensor, loss: Tensor, eps: float, vocab: int,
+                   v0: int, ignore_index: int, forward: bool, grad: bool) -> Tensor | None:
+    """The elementwise step between the products, on logits ``z[R, C]`` of columns ``v0..v0+C``: with
+    ``forward`` fill ``lse`` and ``loss`` (whole rows); with ``grad`` return the logits' gradient in
+    ``z``'s dtype (the same contract as the Triton kernel's ``linear_ce_rows``, which works in place)."""
+    zf = z.float()
+    cols = zf.shape[1]
+    if forward:
+        lse.copy_(torch.logsumexp(zf, 1))
+        zy = zf.gather(1, (y - v0).clamp(0, cols - 1)[:, None])[:, 0]
+        row = (1.0 - eps) * (lse - zy)
+        if eps:  # skipped at 0: 0 * (lse - mean) would make a -inf logit's infinite mean a NaN
+            row = row + eps * (lse - zf.mean(1))
+        loss.copy_(torch.where(y != ignore_index, row, 0.0))
+    if not grad:
+        return None
+    zf.sub_(lse[:, None]).exp_()
     if eps:
-        z.sub_(eps / vocab)
-    cols = z.shape[1]
-    inside = (y >= v0) & (y < v0 + cols)
-    z.scatter_add_(1, (y - v0).clamp(0, cols - 1)[:, None], (-(1.0 - eps) * inside.float())[:, None])
-    return z.mul_(scale[:, None])
+        zf.sub_(eps / vocab)
+    hit = (y != ignore_index) & (y >= v0) & (y < v0 + cols)
+    zf.scatter_add_(1, (y - v0).clamp(0, cols - 1)[:, None], (-(1.0 - eps) * hit.float())[:, None])
+    # scale 0 (an ignored row) zeroes the row; where, not a product, so an inf logit there cannot make NaN
+    zf = torch.where(scale[:, None] != 0, zf * scale[:, None], 0.0)
+    return zf.to(z.dtype)
 
 
-def _rows_pass(h, w, b, y, valid, scale, eps, lse, chunk, need_h, need_w, need_b):
+def _ce_rows_triton(z, y, scale, lse, loss, eps, vocab, v0, ignore_index, forward, grad):
+    from tinymem_fast.kernels import linear_cross_entropy as tk
+
+    tk.ce_rows(z, y, scale, lse, loss, eps, vocab, v0, ignore_index, forward, grad)
+    return z if grad else None
+
+
+_CE_ROWS = {"torch": _ce_rows_torch, "triton": _ce_rows_triton}
+
+
+def _rows_pass(h, w, b, y, scale, eps, ignore_index, lse, chunk, need_h, need_w, need_b, ce_rows):
     """One pass over row chunks: -> (lse, loss per row, grad_h, grad_w (float32 heads), grad_b float32).
     ``lse`` given (backward) skips the loss; the gradients asked for are computed with ``scale``."""
     n_rows, vocab = h.shape[0], w.shape[0]
@@ -178,39 +203,31 @@ def _rows_pass(h, w, b, y, valid, scale, eps, lse, chunk, need_h, need_w, need_b
     gb = torch.zeros(vocab, dtype=torch.float32, device=h.device) if need_b else None
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
-        hc, yc = h[r0:r1], y[r0:r1]
-        z = F.linear(hc, w, b).float()
-        if forward:
-            lse[r0:r1] = torch.logsumexp(z, 1)
-            lc = lse[r0:r1]
-            zy = z.gather(1, yc.clamp(0, vocab - 1)[:, None])[:, 0]
-            row = (1.0 - eps) * (lc - zy)
-            if eps:
-                row = row + eps * (lc - z.mean(1))
-            loss[r0:r1] = torch.where(valid[r0:r1], row, 0.0)
+        hc = h[r0:r1]
+        dz = ce_rows(F.linear(hc, w, b), y[r0:r1], scale[r0:r1], lse[r0:r1],
+                     loss[r0:r1] if forward else loss, eps, vocab, 0, ignore_index, forward, grads)
         if not grads:
             continue
-        dz = _softmax_grad_(z, lse[r0:r1], yc, scale[r0:r1], eps, vocab)
         if need_b:
-            gb += dz.sum(0)
-        dzc = dz.to(h.dtype)
+            gb += dz.sum(0, dtype=torch.float32)
         if need_h:
-            torch.mm(dzc, w, out=gh[r0:r1])
+            torch.mm(dz, w, out=gh[r0:r1])
         if gw is not None:
-            gw.addmm_(dzc.t(), hc)
+            gw.addmm_(dz.t(), hc)
     return lse, loss, gh, gw, gb
 
 
-def _vocab_pass(h, w, b, y, scale, eps, lse) -> Tensor:
+def _vocab_pass(h, w, b, y, scale, eps, ignore_index, lse, ce_rows) -> Tensor:
     """Weight gradient of a half-precision head: per vocabulary slice, one product over all rows."""
     n_rows, vocab = h.shape[0], w.shape[0]
     gw = torch.empty_like(w)
     step = _vocab_slice(n_rows, vocab)
+    no_loss = lse.new_empty(0)
     for v0 in range(0, vocab, step):
         v1 = min(vocab, v0 + step)
-        z = F.linear(h, w[v0:v1], b[v0:v1] if b is not None else None).float()
-        dz = _softmax_grad_(z, lse, y, scale, eps, vocab, v0)
-        torch.mm(dz.to(h.dtype).t(), h, out=gw[v0:v1])
+        z = F.linear(h, w[v0:v1], b[v0:v1] if b is not None else None)
+        dz = ce_rows(z, y, scale, lse, no_loss, eps, vocab, v0, ignore_index, False, True)
+        torch.mm(dz.t(), h, out=gw[v0:v1])
     return gw
 
 
@@ -220,13 +237,15 @@ def _empty(like: Tensor, dtype=None) -> Tensor:
 
 @torch.no_grad()
 def linear_ce_fwd_torch(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, ignore_index: int, eps: float,
-                        reduction: int, need_h: bool, need_w: bool, need_b: bool, chunk_rows: int):
+                        reduction: int, need_h: bool, need_w: bool, need_b: bool, chunk_rows: int,
+                        backend: str = "torch"):
     """Reference of ``tinymem::linear_ce_fwd`` on flat rows: -> (loss, lse, grad_h, grad_w, grad_b).
 
     ``loss``: float32 ``[N]`` (none) or 0-dim; ``lse``: float32 ``[N]``. For mean/sum the gradients
     asked for are those of a unit upstream gradient -- except a half-precision head's weight gradient,
     which :func:`linear_ce_bwd_torch` computes once the upstream gradient is known -- with ``grad_b`` in
-    float32; gradients not computed are empty tensors.
+    float32; gradients not computed are empty tensors. ``backend="triton"``: the same, with the
+    elementwise step in the Triton kernel (the products are torch's either way).
     """
     n_rows = h.shape[0]
     chunk = chunk_rows or default_chunk_rows(n_rows, w.shape[0])
@@ -234,7 +253,8 @@ def linear_ce_fwd_torch(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, ignor
         need_h = need_w = need_b = False
     valid = y != ignore_index
     scale = _row_scale(valid, reduction)
-    lse, loss, gh, gw, gb = _rows_pass(h, w, b, y, valid, scale, eps, None, chunk, need_h, need_w, need_b)
+    lse, loss, gh, gw, gb = _rows_pass(h, w, b, y, scale, eps, ignore_index, None, chunk, need_h, need_w,
+                                       need_b, _CE_ROWS[backend])
     if reduction == REDUCTIONS["mean"]:
         loss = loss.sum() / valid.sum()  # 0/0 = NaN with nothing counted, as F.cross_entropy
     elif reduction == REDUCTIONS["sum"]:
@@ -246,16 +266,18 @@ def linear_ce_fwd_torch(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, ignor
 @torch.no_grad()
 def linear_ce_bwd_torch(grad: Tensor, h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, lse: Tensor,
                         ignore_index: int, eps: float, reduction: int, need_h: bool, need_w: bool,
-                        need_b: bool, chunk_rows: int):
+                        need_b: bool, chunk_rows: int, backend: str = "torch"):
     """Reference of ``tinymem::linear_ce_bwd``: the gradients for the upstream gradient ``grad`` (``[N]``
     for reduction "none", 0-dim otherwise), the logits recomputed from the forward's ``lse``.
     -> (grad_h, grad_w, grad_b float32), empty where not asked for."""
     chunk = chunk_rows or default_chunk_rows(h.shape[0], w.shape[0])
     valid = y != ignore_index
     scale = _row_scale(valid, reduction) * grad.float()
-    _, _, gh, gw, gb = _rows_pass(h, w, b, y, valid, scale, eps, lse, chunk, need_h, need_w, need_b)
+    ce_rows = _CE_ROWS[backend]
+    _, _, gh, gw, gb = _rows_pass(h, w, b, y, scale, eps, ignore_index, lse, chunk, need_h, need_w, need_b,
+                                  ce_rows)
     if need_w and gw is None:
-        gw = _vocab_pass(h, w, b, y, scale, eps, lse)
+        gw = _vocab_pass(h, w, b, y, scale, eps, ignore_index, lse, ce_rows)
     return (gh if gh is not None else _empty(h), gw if gw is not None else _empty(w),
             gb if gb is not None else _empty(h, torch.float32))
 
@@ -306,23 +328,27 @@ def _grads(grad: Tensor, saved, need, args, chunk_rows: int, bwd):
     return out
 
 
-class _TorchLinearCrossEntropy(torch.autograd.Function):
-    """The torch backend's autograd (the compiled op has its formula registered on the op itself)."""
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Autograd of the torch and triton backends (the compiled op has its formula registered on the op)."""
 
     @staticmethod
-    def forward(ctx, h, w, b, y, ignore_index, eps, reduction, need_h, need_w, need_b, chunk_rows):
+    def forward(ctx, h, w, b, y, ignore_index, eps, reduction, need_h, need_w, need_b, chunk_rows, backend):
         loss, lse, gh, gw, gb = linear_ce_fwd_torch(h, w, b, y, ignore_index, eps, reduction, need_h, need_w,
-                                                    need_b, chunk_rows)
-        ctx.args, ctx.chunk_rows = (ignore_index, eps, reduction), chunk_rows
+                                                    need_b, chunk_rows, backend)
+        ctx.args, ctx.chunk_rows, ctx.backend = (ignore_index, eps, reduction), chunk_rows, backend
         ctx.save_for_backward(h, w, b, y, lse, gh, gw, gb)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        gh, gw, gb = _grads(grad, ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.args, ctx.chunk_rows,
-                            linear_ce_bwd_torch)
-        return gh, gw, gb, *([None] * 8)
+        backend = ctx.backend
+
+        def bwd(*args):
+            return linear_ce_bwd_torch(*args, backend=backend)
+
+        gh, gw, gb = _grads(grad, ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.args, ctx.chunk_rows, bwd)
+        return gh, gw, gb, *([None] * 9)
 
 
 def _setup_context(ctx, inputs, output):
@@ -378,8 +404,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
             grad_on and bias is not None and bias.requires_grad)
     red = REDUCTIONS[reduction]
     args = (h, w, bias_c, y, int(ignore_index), float(label_smoothing), red, *need, int(chunk_rows or 0))
-    if b == "torch":
-        loss = _TorchLinearCrossEntropy.apply(*args)
+    if b in ("torch", "triton"):
+        loss = _ChunkedLinearCrossEntropy.apply(*args, b)
     else:
         loss = torch.ops.tinymem.linear_ce_fwd(*args)[0]
     return loss.view(targets.shape) if red == REDUCTIONS["none"] else loss
