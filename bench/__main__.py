@@ -16,6 +16,7 @@ SUITES = {
     "masked_subnet": "bench.kernels.masked_subnet",
     "memscore": "bench.kernels.memscore",
     "causal_attention": "bench.kernels.causal_attention",
+    "linear_cross_entropy": "bench.kernels.linear_cross_entropy",
     "training": "bench.pipelines.training",
     "scoring": "bench.pipelines.scoring",
     "regularizers": "bench.pipelines.regularizers",

@@ -9,7 +9,8 @@ for, a second walk writes ``scale * (softmax - eps/V - (1-eps) onehot)`` over th
 their dtype (a half-precision chunk is never widened into a float32 copy). With the logsumexp known
 (backward, vocabulary slices) only the second walk runs.
 
-The entry point is the custom op ``torch.ops.tinymem_triton.linear_ce_rows`` (see kernels/__init__.py);
+The entry points are the custom ops ``torch.ops.tinymem_triton.linear_ce_rows_fwd`` / ``_grad`` (see
+kernels/__init__.py);
 tensors are contiguous on one device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 """
 
@@ -78,16 +79,27 @@ def _ce_rows_kernel(z_ptr, y_ptr, scale_ptr, lse_ptr, loss_ptr, cols, v0, vocab,
             tl.store(base + offs, dz.to(z_ptr.dtype.element_ty), mask=inb)
 
 
-@triton_op("linear_ce_rows", mutates_args=("z", "lse", "loss"))
-def ce_rows(z: Tensor, y: Tensor, scale: Tensor, lse: Tensor, loss: Tensor, eps: float, vocab: int, v0: int,
-            ignore_index: int, forward: bool, grad: bool) -> None:
-    """Rows of logits ``z[R, C]`` (columns ``v0..v0+C`` of a ``vocab``-wide head, any float dtype), targets
-    ``y[R]`` int64, per-row gradient scales ``scale[R]`` float32. ``forward``: fill ``lse[R]`` and
-    ``loss[R]`` (float32; ``C`` must be the whole vocabulary); else ``lse`` is read. ``grad``: ``z``
-    becomes the logits' gradient in place."""
+def _launch(z, y, scale, lse, loss, eps, vocab, v0, ignore_index, forward, grad):
     rows, cols = z.shape
     if rows == 0:
         return
     with _device_guard(z):
         launch(_ce_rows_kernel, (rows,))(z, y, scale, lse, loss, cols, v0, vocab, ignore_index, float(eps),
                                          FORWARD=forward, GRAD=grad, BLOCK=_BLOCK, num_warps=_WARPS)
+
+
+@triton_op("linear_ce_rows_fwd", mutates_args=("z", "lse", "loss"))
+def ce_rows_fwd(z: Tensor, y: Tensor, scale: Tensor, lse: Tensor, loss: Tensor, eps: float, vocab: int,
+                ignore_index: int, grad: bool) -> None:
+    """Whole rows of logits ``z[R, V]`` (any float dtype), targets ``y[R]`` int64, per-row gradient scales
+    ``scale[R]`` float32: fill ``lse[R]`` and ``loss[R]`` (float32); with ``grad`` ``z`` becomes the
+    logits' gradient in place."""
+    _launch(z, y, scale, lse, loss, eps, vocab, 0, ignore_index, True, grad)
+
+
+@triton_op("linear_ce_rows_grad", mutates_args=("z",))
+def ce_rows_grad(z: Tensor, y: Tensor, scale: Tensor, lse: Tensor, eps: float, vocab: int, v0: int,
+                 ignore_index: int) -> None:
+    """Rows of logits ``z[R, C]`` of columns ``v0..v0+C`` whose row logsumexps ``lse[R]`` are known
+    (backward, vocabulary slices): ``z`` becomes the logits' gradient in place."""
+    _launch(z, y, scale, lse, lse, eps, vocab, v0, ignore_index, False, True)

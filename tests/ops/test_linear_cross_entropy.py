@@ -396,3 +396,19 @@ def test_triton_kernel_compiles_for_sm90(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kernel variants for sm_90" in proc.stdout
+
+
+@pytest.mark.parametrize("backend,reduction", cases(BACKENDS, ["mean", "none"]))
+def test_backward_twice_with_retain_graph(backend, reduction):
+    """The forward-made gradients are handed to autograd without a copy; a second backward through the
+    same graph recomputes them instead of reusing the (scaled) first ones."""
+    dev = _ready(backend)
+    h, w, b, y = _problem(7, 8, 30, torch.float32, True, seed=10, device=dev)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = fused_linear_cross_entropy(leaves[0], leaves[1], y, leaves[2], reduction=reduction,
+                                      backend=backend).sum()
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for t, g_ in zip(leaves, first, strict=True):
+        torch.testing.assert_close(t.grad, 2 * g_)

@@ -179,7 +179,10 @@ def _ce_rows_torch(z: Tensor, y: Tensor, scale: Tensor, lse: Tensor, loss: Tenso
 def _ce_rows_triton(z, y, scale, lse, loss, eps, vocab, v0, ignore_index, forward, grad):
     from tinymem_fast.kernels import linear_cross_entropy as tk
 
-    tk.ce_rows(z, y, scale, lse, loss, eps, vocab, v0, ignore_index, forward, grad)
+    if forward:
+        tk.ce_rows_fwd(z, y, scale, lse, loss, eps, vocab, ignore_index, grad)
+    else:
+        tk.ce_rows_grad(z, y, scale, lse, eps, vocab, v0, ignore_index)
     return z if grad else None
 
 
@@ -303,26 +306,47 @@ def _bwd_fake(grad, h, w, b, y, lse, ignore_index, eps, reduction, need_h, need_
 registry.register_fakes({"linear_ce_fwd": _fwd_fake, "linear_ce_bwd": _bwd_fake})
 
 
-def _grads(grad: Tensor, saved, need, args, chunk_rows: int, bwd):
-    """The backward of either backend: the input gradients for the upstream ``grad``, from what the
-    forward saved. Gradients the forward made (mean/sum) are scaled; the others are computed by ``bwd``
-    from the row logsumexps (all of them for "none"; a half-precision weight's; any the forward was not
-    asked for, when the op is called directly)."""
-    h, w, b, y, lse, gh, gw, gb = saved
-    need_h, need_w, need_b = need
-    need_b = need_b and b is not None
-    if args[2] == REDUCTIONS["none"]:
-        grad = grad.contiguous()
-        todo = (need_h, need_w, need_b)
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+
+
+def _keep(ctx, saved, made) -> None:
+    """What the backward needs. In eager mode the gradients the forward made are kept on ``ctx``, not
+    saved: the backward takes them off it and scales them in place, so autograd receives the only
+    reference and stores it as ``.grad`` without a copy (a saved tensor would keep a second reference,
+    forcing a [V, d] clone); a second backward through the graph (``retain_graph``) finds them gone and
+    recomputes. A traced graph (torch.compile) must save them, and scales them out of place."""
+    if _tracing():
+        ctx.save_for_backward(*saved, *made)
+        ctx.made = None
     else:
-        todo = (need_h and gh.numel() != h.numel(), need_w and gw.numel() != w.numel(),
-                need_b and gb.numel() != w.shape[0])
+        ctx.save_for_backward(*saved)
+        ctx.made = list(made)
+
+
+def _grads(ctx, grad: Tensor, bwd):
+    """The backward of every backend: the input gradients for the upstream ``grad``. Gradients the forward
+    made (mean/sum) are scaled; the others are computed by ``bwd`` from the row logsumexps (all of them
+    for "none"; a half-precision weight's; any the forward was not asked for or already handed out)."""
+    h, w, b, y, lse, *saved_made = ctx.saved_tensors
+    made, ctx.made = ctx.made, None
+    in_place = made is not None
+    if saved_made:
+        made = saved_made
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and b is not None
+    if made is None or ctx.args[2] == REDUCTIONS["none"]:
+        made = [None] * 3
+        grad = grad.contiguous()
+    sizes = (h.numel(), w.numel(), w.shape[0])
+    have = [g is not None and g.numel() == n and g.numel() > 0 for g, n in zip(made, sizes, strict=True)]
+    todo = [want and not ok for want, ok in zip((need_h, need_w, need_b), have, strict=True)]
     got = (None,) * 3
     if any(todo):
         with torch.no_grad():  # the gradients are not differentiable again (no double backward)
-            got = bwd(grad, h, w, b, y, lse, *args, *todo, chunk_rows)
-    out = [None if not want else new if made else g * grad
-           for made, want, g, new in zip(todo, (need_h, need_w, need_b), (gh, gw, gb), got, strict=True)]
+            got = bwd(grad, h, w, b, y, lse, *ctx.args, *todo, ctx.chunk_rows)
+    out = [None if not want else new if redo else g.mul_(grad) if in_place else g * grad
+           for want, redo, g, new in zip((need_h, need_w, need_b), todo, made, got, strict=True)]
     if out[2] is not None:
         out[2] = out[2].to(b.dtype)
     return out
@@ -336,7 +360,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss, lse, gh, gw, gb = linear_ce_fwd_torch(h, w, b, y, ignore_index, eps, reduction, need_h, need_w,
                                                     need_b, chunk_rows, backend)
         ctx.args, ctx.chunk_rows, ctx.backend = (ignore_index, eps, reduction), chunk_rows, backend
-        ctx.save_for_backward(h, w, b, y, lse, gh, gw, gb)
+        _keep(ctx, (h, w, b, y, lse), (gh, gw, gb))
         return loss
 
     @staticmethod
@@ -347,7 +371,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         def bwd(*args):
             return linear_ce_bwd_torch(*args, backend=backend)
 
-        gh, gw, gb = _grads(grad, ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.args, ctx.chunk_rows, bwd)
+        gh, gw, gb = _grads(ctx, grad, bwd)
         return gh, gw, gb, *([None] * 9)
 
 
@@ -355,13 +379,12 @@ def _setup_context(ctx, inputs, output):
     h, w, b, y, ignore_index, eps, reduction, _nh, _nw, _nb, chunk_rows = inputs
     _loss, lse, gh, gw, gb = output
     ctx.args, ctx.chunk_rows = (ignore_index, eps, reduction), chunk_rows
-    ctx.save_for_backward(h, w, b, y, lse, gh, gw, gb)
+    _keep(ctx, (h, w, b, y, lse), (gh, gw, gb))
 
 
 def _backward(ctx, grad, *_unused):
     # lse and the forward-made gradients are outputs for the backward's sake; nothing differentiates them
-    gh, gw, gb = _grads(grad, ctx.saved_tensors, ctx.needs_input_grad[:3], ctx.args, ctx.chunk_rows,
-                        torch.ops.tinymem.linear_ce_bwd)
+    gh, gw, gb = _grads(ctx, grad, torch.ops.tinymem.linear_ce_bwd)
     return gh, gw, gb, *([None] * 8)
 
 
