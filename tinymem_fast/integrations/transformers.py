@@ -341,4 +341,7 @@ def _subnet(model, who: str) -> _Subnet:
     return state
 
 
-register_attention()
+try:  # so that attn_implementation="tinymem" works in from_pretrained / from_config after the import
+    register_attention()
+except RuntimeError:  # transformers < 4.48: the fused loss and masked subnet still work
+    pass
