@@ -25,9 +25,13 @@ How the work is laid out (every backend):
   a scalar, applied in backward by one multiply), so the logits are made once per training step; for
   ``"none"`` the forward keeps the row logsumexps and the backward recomputes the logits.
 * The weight gradient of a float32 head is accumulated chunk by chunk into the float32 result. A half-
-  precision one is computed instead in a second pass over vocabulary slices, each slice's gradient in
-  one product over all rows (one rounding, like the plain path), which costs one more product of the
-  logits but no float32 ``[V, d]`` buffer and no precision lost to per-chunk rounding.
+  precision one is computed instead in the backward, in a pass over vocabulary slices, each slice's
+  gradient in one product over all rows with the upstream gradient inside its one rounding (like the
+  plain path's), which costs one more product of the logits but no float32 ``[V, d]`` buffer and no
+  precision lost to per-chunk rounding. (A half-precision hidden-state gradient made in the forward is
+  rounded once more when a mean/sum loss is scaled by an upstream gradient other than a power of two.)
+* A ``-inf`` bias suppresses ids: their logits add nothing to the logsumexp and get zero gradient
+  (with label smoothing the loss is then ``inf``, as ``F.cross_entropy``'s mean over all logits is).
 
 Backends (``registry.select``): ``cpp`` (CPU; csrc/cpu/linear_cross_entropy.cpp: ATen GEMMs on the chunks
 and a fused, vectorised softmax-gradient between them; ``torch.ops.tinymem.linear_ce_fwd/_bwd``),
@@ -252,6 +256,7 @@ def linear_ce_fwd_torch(h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, ignor
     """
     n_rows = h.shape[0]
     chunk = chunk_rows or default_chunk_rows(n_rows, w.shape[0])
+    need_b = need_b and b is not None
     if reduction == REDUCTIONS["none"]:
         need_h = need_w = need_b = False
     valid = y != ignore_index
@@ -274,6 +279,7 @@ def linear_ce_bwd_torch(grad: Tensor, h: Tensor, w: Tensor, b: Tensor | None, y:
     for reduction "none", 0-dim otherwise), the logits recomputed from the forward's ``lse``.
     -> (grad_h, grad_w, grad_b float32), empty where not asked for."""
     chunk = chunk_rows or default_chunk_rows(h.shape[0], w.shape[0])
+    need_b = need_b and b is not None
     valid = y != ignore_index
     scale = _row_scale(valid, reduction) * grad.float()
     ce_rows = _CE_ROWS[backend]
@@ -294,13 +300,13 @@ def _fwd_fake(h, w, b, y, ignore_index, eps, reduction, need_h, need_w, need_b, 
     lse = h.new_empty(n_rows, dtype=torch.float32)
     gh = torch.empty_like(h) if grads and need_h else _empty(h)
     gw = torch.empty_like(w) if grads and need_w and w.dtype == torch.float32 else _empty(w)
-    gb = h.new_empty(w.shape[0] if grads and need_b else 0, dtype=torch.float32)
+    gb = h.new_empty(w.shape[0] if grads and need_b and b is not None else 0, dtype=torch.float32)
     return loss, lse, gh, gw, gb
 
 
 def _bwd_fake(grad, h, w, b, y, lse, ignore_index, eps, reduction, need_h, need_w, need_b, chunk_rows):
     return (torch.empty_like(h) if need_h else _empty(h), torch.empty_like(w) if need_w else _empty(w),
-            h.new_empty(w.shape[0] if need_b else 0, dtype=torch.float32))
+            h.new_empty(w.shape[0] if need_b and b is not None else 0, dtype=torch.float32))
 
 
 registry.register_fakes({"linear_ce_fwd": _fwd_fake, "linear_ce_bwd": _bwd_fake})
@@ -379,11 +385,15 @@ def _setup_context(ctx, inputs, output):
     h, w, b, y, ignore_index, eps, reduction, _nh, _nw, _nb, chunk_rows = inputs
     _loss, lse, gh, gw, gb = output
     ctx.args, ctx.chunk_rows = (ignore_index, eps, reduction), chunk_rows
+    # nothing flows into the other outputs: materialising their (zero) gradients would cost a [V, d]
+    ctx.set_materialize_grads(False)
     _keep(ctx, (h, w, b, y, lse), (gh, gw, gb))
 
 
 def _backward(ctx, grad, *_unused):
     # lse and the forward-made gradients are outputs for the backward's sake; nothing differentiates them
+    if grad is None:  # a backward through those outputs alone
+        return (None,) * 11
     gh, gw, gb = _grads(ctx, grad, torch.ops.tinymem.linear_ce_bwd)
     return gh, gw, gb, *([None] * 8)
 
