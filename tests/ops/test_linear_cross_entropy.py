@@ -24,7 +24,8 @@ BACKENDS = ["torch", "cpp", "triton"]
 SHAPES = [(1, 3, 5), (7, 17, 1000), (130, 64, 4099)]
 DTYPES = [torch.float32, torch.bfloat16]
 REDUCTIONS = ["none", "mean", "sum"]
-FLOOR = {torch.float32: 1e-6, torch.float16: 3e-4, torch.bfloat16: 2e-3}  # the floor, relative to the quantity's largest entry
+# the floor, relative to the quantity's largest entry
+FLOOR = {torch.float32: 1e-6, torch.float16: 3e-4, torch.bfloat16: 2e-3}
 
 
 def _problem(n, d, vocab, dtype, bias, seed=0, ignore_every=3, device="cpu"):
@@ -256,6 +257,24 @@ def test_opcheck(reduction, dtype):
     grad = torch.randn(9) if reduction == 0 else torch.tensor(0.5)
     torch.library.opcheck(ops.linear_ce_bwd, (grad, h.detach(), w.detach(), b.detach(), y, lse, -100, 0.1,
                                               reduction, True, True, True, 4))
+
+
+def test_opcheck_triton_ops():
+    dev = _ready("triton")
+    from tinymem_fast import kernels
+
+    if not kernels.TRITON_OPS:
+        pytest.skip(f"torch {torch.__version__} has no torch.library.triton_op")
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(5, 70, generator=g).to(dev)
+    y = torch.tensor([3, -100, 69, 0, 12], device=dev)
+    scale = torch.tensor([0.2, 0.0, 0.2, 0.2, 0.2], device=dev)
+    lse, loss = torch.empty(5, device=dev), torch.empty(5, device=dev)
+    ops = torch.ops.tinymem_triton
+    torch.library.opcheck(ops.linear_ce_rows_fwd, (z.clone(), y, scale, lse, loss, 0.1, 70, -100, True))
+    ops.linear_ce_rows_fwd(z.clone(), y, scale, lse, loss, 0.1, 70, -100, False)
+    zs = z[:, 10:40].contiguous()
+    torch.library.opcheck(ops.linear_ce_rows_grad, (zs, y, scale, lse, 0.1, 70, 10, -100))
 
 
 @pytest.fixture
