@@ -74,6 +74,26 @@ def test_ablate_neurons_zeroes_exactly_the_chosen_neurons(arch):
     assert not torch.allclose(logits0, logits1)
 
 
+def test_ablate_neurons_phi3_zeroes_both_halves_of_the_stacked_matrix():
+    """Phi-3 keeps gate and up in one gate_up_proj: neuron i owns rows i and I + i; both are zeroed, and
+    the neuron's activation act(gate) * up is exactly 0 (whatever the activation's value at 0)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=S.V, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, intermediate_size=40,
+                                       max_position_embeddings=S.T, pad_token_id=0)).eval()
+    base = copy.deepcopy(model)
+    chosen = {1: torch.tensor([2, 39])}
+    assert ablate_neurons(model, chosen) == 2
+    w, w0 = (mlp_layers(m)[1].inputs["gate_up_proj"].weight.detach() for m in (model, base))
+    zeroed = (w != w0).any(1).nonzero().flatten().tolist()
+    assert zeroed == [2, 39, 42, 79] and bool((w[[2, 39, 42, 79]] == 0).all())
+    x = torch.randint(0, S.V, (2, 9), generator=torch.Generator().manual_seed(1))
+    acts, _ = hooked(model, x)
+    assert bool((acts[1][..., [2, 39]] == 0).all()) and bool((acts[1][..., :2] != 0).any())
+
+
 def test_ablate_neurons_bad_input():
     model = S.tiny("gpt2")
     with pytest.raises(IndexError, match="layer 5"):

@@ -63,8 +63,9 @@ def ablate_neurons(model, neurons: dict[int, Tensor]) -> int:
         size = layer.intermediate_size
         if bool((idx < 0).any()) or bool((idx >= size).any()):
             raise IndexError(f"neuron index out of range [0, {size}) in layer {li}")
+        rows = layer.input_rows(idx)  # both halves of a stacked gate/up matrix (Phi-3)
         for mod in layer.inputs.values():
-            i = idx.to(mod.weight.device)
+            i = rows.to(mod.weight.device)
             if layout_of(mod) == "conv1d":
                 mod.weight[:, i] = 0
             else:
