@@ -228,6 +228,10 @@ def test_bad_inputs_raise_one_line_errors():
     w_inf = w.clone()
     w_inf[5, 0] = float("inf")
     _bad("weight contains NaN or inf", weight=w_inf)
+    # a finite float16 weight whose sum overflows float16 is still finite
+    big = torch.full((20, 8), 1000.0, dtype=torch.float16)
+    out = fused_linear_cross_entropy(h.half(), big, y, backend="torch")
+    assert out.dtype == torch.float32
     # validate=False skips the data checks: a NaN propagates as in the plain path
     out = fused_linear_cross_entropy(h_nan, w, y, validate=False, backend="torch")
     assert torch.isnan(out)

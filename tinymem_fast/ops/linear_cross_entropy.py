@@ -122,13 +122,13 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
 
 def _check_values(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> None:
     """Targets in range and finite inputs, with one host synchronisation. A sum is NaN/inf iff some
-    entry is (up to an overflow of the sum itself, which the slow path below tells apart), and it needs
-    no input-sized temporary, unlike ``isfinite(weight).all()``."""
+    entry is (up to an overflow of the sum itself -- float16's range is small -- which the slow path
+    below tells apart), and it needs no input-sized temporary, unlike ``isfinite(weight).all()``."""
     vocab = weight.shape[0]
     flags = [((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).any()]
     if hidden.numel():
-        flags += [hidden.sum(dtype=torch.float32).isfinite().logical_not(),
-                  weight.sum(dtype=torch.float32).isfinite().logical_not()]
+        # sum() accumulates half precision in float32 already; sum(dtype=float32) would copy the tensor
+        flags += [hidden.sum().isfinite().logical_not(), weight.sum().isfinite().logical_not()]
     bad = torch.stack(flags).tolist()
     if bad[0]:
         wrong = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
