@@ -1,4 +1,5 @@
-"""Slimming: gradients zeroed every step, early stop ends training, ablation of the top coefficients."""
+"""Slimming: gradients zeroed every step, the reference's stop schedule (checked every 100th epoch, so never
+in the paper's 1/10/20-epoch runs) and the first-step-below rule, ablation of the top coefficients."""
 
 import copy
 
@@ -7,7 +8,7 @@ import torch
 from tiny_models import NLL_RISE, unlearning_effect
 
 from tinymem_fast.methods import UnlearnInputs, get_method
-from tinymem_fast.methods.neuron.slimming import SlimmingConfig, slimming_coefficients
+from tinymem_fast.methods.neuron.slimming import STOP_CHECK_EVERY, SlimmingConfig, slimming_coefficients
 from tinymem_fast.methods.registry import make_config
 
 
@@ -24,16 +25,47 @@ def test_gradients_zeroed_every_step(planted, monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "zero_grad", lambda self, *a, **k: (calls.append(1),
                                                                             real(self, *a, **k)))
     rows = torch.cat([secret, secret, secret])  # 18 rows, batch 6: 3 steps per epoch
-    _, steps = slimming_coefficients(copy.deepcopy(base), _inputs(rows),
-                                     SlimmingConfig(epochs=2, batch_size=6, stop_loss=-1))
-    assert steps == 6 and len(calls) == 6
+    _, fit = slimming_coefficients(copy.deepcopy(base), _inputs(rows),
+                                   SlimmingConfig(epochs=2, batch_size=6, stop_loss=-1))
+    assert fit.steps == 6 and len(calls) == 6
 
 
-def test_early_stop_ends_all_epochs(planted):
+def test_reference_schedule_paper_epochs_never_stop(planted):
+    """The sparsity term starts at 1.0, below stop_loss 10: the reference checks it only in epoch 100,
+    200, ..., so the paper's 1/10/20-epoch runs train every batch of every epoch."""
+    assert STOP_CHECK_EVERY == 100
     base, _, _, secret = planted["gpt2"]
-    _, steps = slimming_coefficients(copy.deepcopy(base), _inputs(secret),
-                                     SlimmingConfig(epochs=5, batch_size=2, stop_loss=10.0))
-    assert steps == 1  # the sparsity term (1.0) is below 10 at once: no further batch, no further epoch
+    rows = torch.cat([secret, secret])  # 12 rows, batch 6: 2 steps per epoch
+    for epochs in (1, 10, 20):
+        _, fit = slimming_coefficients(copy.deepcopy(base), _inputs(rows),
+                                       SlimmingConfig(epochs=epochs, batch_size=6, stop_loss=10.0))
+        assert (fit.steps, fit.epochs_cut) == (2 * epochs, ())
+
+
+def test_reference_schedule_epoch_100_cut(planted):
+    """101 epochs of one batch: epoch 100 is checked, its only batch is below stop_loss and not stepped,
+    epoch 101 trains again: 100 steps."""
+    base, _, _, secret = planted["gpt2"]
+    m = get_method("slim")
+    info = m.run(copy.deepcopy(base), _inputs(secret),
+                 make_config(m, dict(epochs=101, batch_size=6, stop_loss=10.0)))
+    assert (info["steps"], info["epochs_cut"]) == (100, [100])
+
+
+def test_first_step_below_ends_all_epochs(planted):
+    base, _, _, secret = planted["gpt2"]
+    _, fit = slimming_coefficients(copy.deepcopy(base), _inputs(secret),
+                                   SlimmingConfig(epochs=5, batch_size=2, stop_loss=10.0,
+                                                  stop_rule="first_step_below"))
+    assert (fit.steps, fit.epochs_cut) == (1, (1,))  # 1.0 < 10 at once: no further batch or epoch
+
+
+def test_stop_rule_setting():
+    m = get_method("slimming")
+    assert make_config(m).stop_rule == "reference_epochs"
+    assert make_config(m, {"stop_rule": "first_step_below"}).stop_rule == "first_step_below"
+    with pytest.raises(ValueError, match="stop_rule must be one of"):
+        make_config(m, {"stop_rule": "never"})
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])

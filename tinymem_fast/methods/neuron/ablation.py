@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -100,17 +101,43 @@ def mlp_activation_hook(model, fn: Callable[[int, Tensor], None]) -> Iterator[No
             h.remove()
 
 
+STOP_RULES = ("reference_epochs", "first_step_below")
+
+
+def check_stop_rule(rule: str) -> None:
+    if rule not in STOP_RULES:
+        raise ValueError(f"stop_rule must be one of {', '.join(STOP_RULES)}, got {rule!r}")
+
+
+class GateFit(NamedTuple):
+    """What a gate fit did: optimizer steps taken, and the 1-based epochs whose batch loop the stop rule
+    ended early (``first_step_below``: the last epoch run, if it stopped)."""
+
+    steps: int
+    epochs_cut: tuple[int, ...]
+
+
 def fit_neuron_gates(model, forget_ids: Tensor, forget_pad: Tensor, param: Tensor,
                      gates: Callable[[], Tensor], penalty: Callable[[], Tensor], *, weight: float,
                      epochs: int, batch_size: int, lr: float, stop_loss: float, loss_on_pad: bool,
-                     desc: str, progress: bool = False) -> int:
+                     desc: str, stop_rule: str = "reference_epochs", check_every: int = 1,
+                     progress: bool = False) -> GateFit:
     """Fit per-neuron gates on the frozen model (Slimming, Hard Concrete): each step multiplies every
     MLP activation by ``gates()`` (``[n_layer, I]``) and minimises ``L_F + weight * penalty()`` with Adam
-    on ``param`` alone. Gradients are zeroed every step, and training ends (every epoch, not just the
-    current one) as soon as the penalty falls below ``stop_loss``. Returns the optimizer steps taken;
-    the model's requires_grad flags are restored."""
-    if batch_size < 1 or epochs < 1:
-        raise ValueError("batch_size and epochs must be >= 1")
+    on ``param`` alone; gradients are zeroed every step. The model's requires_grad flags are restored.
+
+    ``stop_rule`` (SPEC 5.4):
+
+    * ``reference_epochs`` (default), the schedule the reference code really runs: only in epochs ``e``
+      (1-based) with ``e % check_every == 0`` is the penalty compared with ``stop_loss``, at each batch
+      before its step; the first batch below it is not stepped and ends that epoch's batch loop only,
+      the next epoch trains as usual. Slimming checks every 100th epoch, Hard Concrete every 10th.
+    * ``first_step_below``: every step is taken, and training ends for good after the first step whose
+      (pre-step) penalty is below ``stop_loss``; ``check_every`` is ignored.
+    """
+    if batch_size < 1 or epochs < 1 or check_every < 1:
+        raise ValueError("batch_size, epochs and check_every must be >= 1")
+    check_stop_rule(stop_rule)
     device = next(model.parameters()).device
     opt = torch.optim.Adam([param], lr=lr)
     flags = [p.requires_grad for p in model.parameters()]
@@ -123,25 +150,32 @@ def fit_neuron_gates(model, forget_ids: Tensor, forget_pad: Tensor, param: Tenso
 
     n = forget_ids.shape[0]
     steps = 0
+    cut: list[int] = []
     bar = tqdm(total=epochs * math.ceil(n / batch_size), desc=desc, disable=not progress)
     try:
         with mlp_activation_hook(model, scale):
-            for _ in range(epochs):
+            for epoch in range(1, epochs + 1):
+                # a .item() sync per step only where the rule can act on it
+                checked = stop_rule == "first_step_below" or epoch % check_every == 0
                 for lo in range(0, n, batch_size):
+                    pen = penalty()
+                    below = checked and pen.item() < stop_loss
+                    if below and stop_rule == "reference_epochs":
+                        cut.append(epoch)
+                        break
                     x = forget_ids[lo: lo + batch_size].to(device)
                     pad = forget_pad[lo: lo + batch_size].to(device)
                     cur["z"] = gates()
-                    pen = penalty()
                     loss = token_loss(model, x, pad, loss_on_pad)[0].mean() + weight * pen
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     steps += 1
                     bar.update()
-                    if pen.item() < stop_loss:
-                        return steps
+                    if below:
+                        return GateFit(steps, (epoch,))
     finally:
         bar.close()
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
-    return steps
+    return GateFit(steps, tuple(cut))

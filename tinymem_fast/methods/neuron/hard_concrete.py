@@ -6,9 +6,13 @@ A training forward samples ``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + 
 multiplies the activation by the stretched, clipped gate ``z = clamp(s * (r - l) + l, 0, 1)``. The loss is
 ``L_F + l0_lambda * mean sigmoid(log_alpha - beta * log(-l / r))`` (the expected fraction of open gates),
 minimised with Adam on log-alpha only. Gradients are zeroed every step (the reference zeroed them once
-per epoch, so they accumulated across batches); training stops once the penalty term falls below
-``stop_loss``. Attribution = ``sigmoid(log_alpha)``; the top ``floor(ratio * I)`` per layer are ablated.
-``hc_init_p`` is honoured (the reference ignored its ``mask_p``).
+per epoch, so they accumulated across batches). The stop follows the reference's effective schedule by
+default (``stop_rule="reference_epochs"``): the penalty is compared with ``stop_loss`` only in every 10th
+epoch, at each batch before its step, and the first batch below it ends that epoch alone (with 20 epochs,
+epochs 10 and 20 may be cut short, the other 18 train in full); ``stop_rule="first_step_below"`` ends
+training after the first step whose penalty is below ``stop_loss``. Attribution = ``sigmoid(log_alpha)``;
+the top ``floor(ratio * I)`` per layer are ablated. ``hc_init_p`` is honoured (the reference ignored its
+``mask_p``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import torch
 from ...integrations.adapters import mlp_layers
 from ...ops.masked_subnet import check_ratio
 from ..registry import UnlearnInputs, register
-from .ablation import ablate_neurons, fit_neuron_gates, top_neurons
+from .ablation import GateFit, ablate_neurons, check_stop_rule, fit_neuron_gates, top_neurons
+
+# the reference compares the penalty with stop_loss only in epochs (i + 1) % 10 == 0
+STOP_CHECK_EVERY = 10
 
 
 @dataclass
@@ -32,6 +39,7 @@ class HardConcreteConfig:
     lr: float = 0.1
     l0_lambda: float = 1000.0
     stop_loss: float = 0.1
+    stop_rule: str = "reference_epochs"  # reference_epochs (paper) | first_step_below
     hc_beta: float = 2.0 / 3.0
     hc_l: float = -0.1
     hc_r: float = 1.1
@@ -42,6 +50,7 @@ class HardConcreteConfig:
     progress: bool = False
 
     def __post_init__(self):
+        check_stop_rule(self.stop_rule)
         if not 0.0 < self.hc_init_p < 1.0:
             raise ValueError(f"hc_init_p must be in (0, 1), got {self.hc_init_p}")
         if not (self.hc_l < 0.0 < 1.0 < self.hc_r):
@@ -68,20 +77,21 @@ def l0_penalty(log_alpha: torch.Tensor, cfg: HardConcreteConfig) -> torch.Tensor
     return torch.sigmoid(log_alpha - cfg.hc_beta * math.log(-cfg.hc_l / cfg.hc_r)).mean()
 
 
-def hard_concrete_gates(model, inputs: UnlearnInputs, cfg: HardConcreteConfig) -> tuple[torch.Tensor, int]:
-    """Train the gates; returns (sigmoid(log_alpha) ``[n_layer, I]`` on CPU, optimizer steps taken)."""
+def hard_concrete_gates(model, inputs: UnlearnInputs,
+                        cfg: HardConcreteConfig) -> tuple[torch.Tensor, GateFit]:
+    """Train the gates; returns (sigmoid(log_alpha) ``[n_layer, I]`` on CPU, what the fit did)."""
     device = next(model.parameters()).device
     layers = mlp_layers(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     init = math.log(cfg.hc_init_p / (1 - cfg.hc_init_p))
     log_alpha = (init + 0.01 * torch.randn(len(layers), layers[0].intermediate_size, generator=gen))
     log_alpha = log_alpha.to(device).requires_grad_(True)
-    steps = fit_neuron_gates(model, inputs.forget_ids, inputs.forget_pad, log_alpha,
-                             lambda: sample_gate(log_alpha, cfg, gen), lambda: l0_penalty(log_alpha, cfg),
-                             weight=cfg.l0_lambda, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                             stop_loss=cfg.stop_loss, loss_on_pad=cfg.loss_on_pad, desc="hard concrete",
-                             progress=cfg.progress)
-    return torch.sigmoid(log_alpha.detach()).cpu(), steps
+    fit = fit_neuron_gates(model, inputs.forget_ids, inputs.forget_pad, log_alpha,
+                           lambda: sample_gate(log_alpha, cfg, gen), lambda: l0_penalty(log_alpha, cfg),
+                           weight=cfg.l0_lambda, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                           stop_loss=cfg.stop_loss, stop_rule=cfg.stop_rule, check_every=STOP_CHECK_EVERY,
+                           loss_on_pad=cfg.loss_on_pad, desc="hard concrete", progress=cfg.progress)
+    return torch.sigmoid(log_alpha.detach()).cpu(), fit
 
 
 @register("hard_concrete", HardConcreteConfig, "neuron", aliases=("hc",))
@@ -91,8 +101,9 @@ def run_hard_concrete(model, inputs: UnlearnInputs, cfg: HardConcreteConfig) -> 
     was = model.training
     model.eval()
     try:
-        attribution, steps = hard_concrete_gates(model, inputs, cfg)
+        attribution, fit = hard_concrete_gates(model, inputs, cfg)
     finally:
         model.train(was)
     count = ablate_neurons(model, top_neurons(attribution, cfg.ratio))
-    return {"time_edit_s": time.perf_counter() - t0, "ablated": count, "steps": steps}
+    return {"time_edit_s": time.perf_counter() - t0, "ablated": count, "steps": fit.steps,
+            "epochs_cut": list(fit.epochs_cut)}
