@@ -9,7 +9,7 @@ import sys
 
 from .. import __version__
 from ..common import atomic
-from .common import add_scoring_args, one_line, positive_int, user_errors
+from .common import add_scoring_args, one_line, positive_int, retain_size_arg, user_errors
 
 
 def _command(module: str, name: str):
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="remove memorized sequences from a trained model")
     un.add_argument("--method", required=True,
                     help="a method, a comma-separated list, or `all`; e.g. balanced_subnet,greedy")
-    un.add_argument("--model", required=True, help="a `tinymem train` output folder or an HF model folder")
+    un.add_argument("--model", required=True, help="a `tinymem train` output folder, one of its "
+                    "checkpoints/step-* folders, or an HF model folder")
     un.add_argument("--preset", help="data preset when --model is a bare model folder")
     un.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="data/model overrides")
     un.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
@@ -72,7 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "or for one method (--hp greedy:ratio=1e-4)")
     un.add_argument("--quick-defaults", action="store_true",
                     help="start from the CPU-sized quick settings instead of the paper's")
-    un.add_argument("--retain-size", type=positive_int, default=2000)
+    un.add_argument("--retain-size", type=retain_size_arg, default=None, metavar="N|all",
+                    help="clean retain rows (default: the run's protocol.retain_size: 2,000 for quick "
+                         "presets; every clean row for paper math, 100,000 chunks for paper language)")
+    un.add_argument("--utility-metric", choices=("acc", "acc_paper", "ppl_token", "ppl_batchmean"),
+                    help="utility in the selection score (default: the run's protocol.utility_metric; "
+                         "paper presets acc_paper / ppl_batchmean, quick presets acc / ppl_token)")
+    un.add_argument("--mem-metric", choices=("mem", "avg_perc_mem"),
+                    help="memorization in the score: pooled %% of eligible rows, or the mean over "
+                         "duplication groups (default: the run's protocol.mem_metric)")
     un.add_argument("--seed", type=int, default=0)
     un.add_argument("--out", default="tinymem_results")
     un.set_defaults(func=_command("unlearn", "cmd_unlearn"))
@@ -89,12 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", parents=[quiet, device],
                         help="methods x grid x seeds over trained runs (resumable, shardable)")
-    sw.add_argument("models", nargs="+", help="`tinymem train` run folders")
+    sw.add_argument("models", nargs="+", help="`tinymem train` run folders or checkpoint folders of runs")
     sw.add_argument("--methods", default="all", help="comma-separated method names, or `all` (17)")
     sw.add_argument("--grid", default="quick", help="quick, paper, or a YAML/JSON file")
     sw.add_argument("--seeds", type=int, nargs="+", default=[0])
     sw.add_argument("--shard", help="i/n: run every n-th run starting at i (torchrun sets it from RANK)")
-    sw.add_argument("--retain-size", type=positive_int, default=2000)
+    sw.add_argument("--retain-size", type=retain_size_arg, default=None, metavar="N|all",
+                    help="clean retain rows (default: the run's protocol.retain_size: 2,000 for quick "
+                         "presets; every clean row for paper math, 100,000 chunks for paper language)")
+    sw.add_argument("--utility-metric", choices=("acc", "acc_paper", "ppl_token", "ppl_batchmean"),
+                    help="utility in the selection score (default: the run's protocol.utility_metric; "
+                         "paper presets acc_paper / ppl_batchmean, quick presets acc / ppl_token)")
+    sw.add_argument("--mem-metric", choices=("mem", "avg_perc_mem"),
+                    help="memorization in the score: pooled %% of eligible rows, or the mean over "
+                         "duplication groups (default: the run's protocol.mem_metric)")
+    sw.add_argument("--checkpoints", default="final", metavar="final|all|STEP,...",
+                    help="which models of each run: final (default), all saved checkpoints, or steps "
+                         "(e.g. 500,1500,final) -- the paper unlearns at four checkpoints of a run")
     sw.add_argument("--out", default="tinymem_sweep")
     sw.add_argument("--dry-run", action="store_true", help="list this shard's runs and exit")
     sw.set_defaults(func=_command("sweep", "cmd_sweep"))
@@ -105,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--title", default="tinymem_fast: memorization mitigation report")
     rp.add_argument("--perp-cutoff", type=float, default=500.0)
     rp.add_argument("--mem-cutoff", type=float, default=100.0)
+    rp.add_argument("--utility-metric", choices=("acc", "acc_paper", "ppl_token", "ppl_batchmean"),
+                    help="re-score every row with this utility (default: the score each row recorded)")
+    rp.add_argument("--mem-metric", choices=("mem", "avg_perc_mem"),
+                    help="re-score every noise row with this memorization figure (default: as recorded)")
     rp.set_defaults(func=_command("sweep", "cmd_report"))
 
     sc = sub.add_parser("score", help="per-example memorization of token sequences (torchrun for many ranks)")

@@ -49,6 +49,10 @@ def batch_size_arg(text: str) -> int | str:
     return "auto" if text == "auto" else positive_int(text)
 
 
+def retain_size_arg(text: str) -> int | str:
+    return "all" if text == "all" else positive_int(text)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -15,15 +15,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     log_to_stderr()
     methods = "all" if args.methods == "all" else [m for m in args.methods.split(",") if m.strip()]
-    runs = plan(args.models, methods, args.grid, args.seeds)
+    runs = plan(args.models, methods, args.grid, args.seeds, checkpoints=args.checkpoints)
     shard = parse_shard(args.shard)
     if args.dry_run:
         for r in runs[shard[0]::shard[1]]:
-            print(r.key, r.method, json.dumps(r.hp, default=str), f"seed={r.seed}")
+            print(r.key, r.method, json.dumps(r.hp, default=str), f"seed={r.seed}",
+                  f"checkpoint={r.checkpoint}")
         return 0
     try:
-        s = run_sweep(runs, args.out, shard=shard, device=args.device or "cpu", retain_size=args.retain_size,
-                      progress=not args.quiet)
+        retain = "run" if args.retain_size is None else \
+            (None if args.retain_size == "all" else args.retain_size)
+        s = run_sweep(runs, args.out, shard=shard, device=args.device or "cpu", retain_size=retain,
+                      utility_metric=args.utility_metric, mem_metric=args.mem_metric, progress=not args.quiet)
     except ValueError as exc:
         print(f"tinymem sweep: {exc}", file=sys.stderr)
         return 2
@@ -41,6 +44,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = args.out or (args.results[0] if os.path.isdir(args.results[0]) else
                        os.path.dirname(os.path.abspath(args.results[0])))
     paths = write_report(rows, os.path.join(out, "report") if out == args.results[0] else out,
-                         title=args.title, perp_cutoff=args.perp_cutoff, mem_cutoff=args.mem_cutoff)
+                         title=args.title, perp_cutoff=args.perp_cutoff, mem_cutoff=args.mem_cutoff,
+                         utility_metric=args.utility_metric, mem_metric=args.mem_metric)
     print(f"{len(rows)} rows -> {paths['report.md']}, {paths['report.html']}")
     return 0

@@ -17,20 +17,36 @@ CATEGORY_ORDER = {"regularizer": 0, "fine-tuning": 1, "neuron": 2, "weight": 3}
 
 
 def _util_key(row: dict) -> str:
+    """The utility the row was selected on (older rows: the pad-masked accuracy / token perplexity)."""
+    chosen = (row.get("selection") or {}).get("utility_metric")
+    if chosen in row["utility_before"]:
+        return chosen
     return "acc" if "acc" in row["utility_before"] else "ppl_token"
 
 
 def _setting(row: dict) -> str:
-    return row.get("model_dir") or row["model"]
+    """What a best run is chosen within: the trained run, and the checkpoint when it is not the final one
+    (the paper's protocol unlearns several checkpoints of a run and reports each)."""
+    base = row.get("model_dir") or row["model"]
+    ck = row.get("checkpoint") or "final"
+    return base if ck == "final" else f"{base} @ {ck}"
 
 
-def best_runs(rows: list[dict], perp_cutoff: float = 500.0, mem_cutoff: float = 100.0) -> dict:
+def best_runs(rows: list[dict], perp_cutoff: float = 500.0, mem_cutoff: float = 100.0, *,
+              utility_metric: str | None = None, mem_metric: str | None = None) -> dict:
     """(setting, method) -> best row: lowest score among runs with perplexity < perp_cutoff (language)
-    and % memorized < mem_cutoff. Runs that destroyed the model (NaN/inf utility) never win."""
+    and % memorized < mem_cutoff. Runs that destroyed the model (NaN/inf utility) never win.
+
+    ``utility_metric`` / ``mem_metric``: score every row again with these selection variants (None: the
+    score each row recorded, which follows its run's protocol section)."""
+    from ..tinymem.results import rescore
+
     best: dict[tuple[str, str], dict] = {}
     for r in rows:
+        r = rescore(r, utility_metric, mem_metric)
         ua = r["utility_after"]
-        if "ppl_token" in ua and not (ua["ppl_token"] < perp_cutoff):
+        ppl = _util_key(r) if _util_key(r).startswith("ppl") else "ppl_token"
+        if ppl in ua and not (ua[ppl] < perp_cutoff):
             continue
         if not r["mem_after"] < mem_cutoff or r["score"] != r["score"]:
             continue
@@ -60,7 +76,8 @@ def _fmt_hp(hp: dict, method: str = "") -> str:
 
 
 def table(rows: list[dict], best: dict) -> list[dict]:
-    """One record per (setting, method), sorted by setting then score."""
+    """One record per (setting, method), sorted by setting then score; the utility shown is the one the
+    best run was selected on."""
     n_runs = defaultdict(int)
     for r in rows:
         n_runs[(_setting(r), r["method"])] += 1
@@ -72,9 +89,12 @@ def table(rows: list[dict], best: dict) -> list[dict]:
             "runs": n_runs[(setting, method)],
             "settings": _fmt_hp(r.get("grid_point") or r["hparams"], method),
             "mem_before": r["mem_before"], "mem_after": r["mem_after"], "d_mem": r["d_mem"],
-            "util_name": "accuracy %" if uk == "acc" else "perplexity",
-            "util_before": r["utility_before"][uk] * (100 if uk == "acc" else 1),
-            "util_after": r["utility_after"][uk] * (100 if uk == "acc" else 1),
+            "util_name": {"acc": "accuracy %", "acc_paper": "accuracy % (pads in)",
+                          "ppl_batchmean": "perplexity (batch mean)"}.get(uk, "perplexity"),
+            "util_before": r["utility_before"][uk] * (100 if uk.startswith("acc") else 1),
+            "util_after": r["utility_after"][uk] * (100 if uk.startswith("acc") else 1),
+            "checkpoint": r.get("checkpoint") or "final", "n_retain": r.get("n_retain"),
+            "selection": r.get("selection"),
             "d_util": r["d_util"], "score": r["score"], "seconds": r.get("time_method_s") or 0.0,
         })
     out.sort(key=lambda t: (t["setting"], t["score"]))
@@ -129,7 +149,7 @@ def scatter_png(rows: list[dict], best: dict) -> bytes:
                        label=m, zorder=3)
             ax.annotate(m, (100 * r["d_util"], 100 * r["d_mem"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-        util = "accuracy" if _util_key(rs[0]) == "acc" else "perplexity"
+        util = "accuracy" if _util_key(rs[0]).startswith("acc") else "perplexity"
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_xlabel(f"relative change in {util} (%)")
@@ -219,11 +239,16 @@ def _html(records: list[dict], images: dict[str, bytes], title: str) -> str:
 
 
 def write_report(rows: list[dict], out_dir: str, *, title: str = "tinymem_fast report",
-                 perp_cutoff: float = 500.0, mem_cutoff: float = 100.0) -> dict[str, str]:
+                 perp_cutoff: float = 500.0, mem_cutoff: float = 100.0, utility_metric: str | None = None,
+                 mem_metric: str | None = None) -> dict[str, str]:
     """Write report.md, scatter.png, epochs.png (when there are epoch series), report.html and
-    best_runs.json into ``out_dir``; returns their paths."""
+    best_runs.json into ``out_dir``; returns their paths. ``utility_metric`` / ``mem_metric`` re-score
+    every row (see :func:`best_runs`)."""
     if not rows:
         raise ValueError("no result rows to report")
+    from ..tinymem.results import rescore
+
+    rows = [rescore(r, utility_metric, mem_metric) for r in rows]
     os.makedirs(out_dir, exist_ok=True)
     best = best_runs(rows, perp_cutoff, mem_cutoff)
     if not best:

@@ -8,12 +8,17 @@ plan and write into the same folder without coordination.
 
 Method families:
 
-* unlearning (the 11 registered methods): on a fresh copy of the run's final model; the base
-  evaluation and forget set are computed once per model and process;
+* unlearning (the 11 registered methods): on a fresh copy of the run's final model, or of each checkpoint
+  ``checkpoints`` names (the paper unlearns at four checkpoints of a run); the base evaluation and forget
+  set are computed once per model and process;
 * regularizers (``spectral_norm``, ``loss_truncation``, ``example_tied_dropout``): a full training run of
   the same preset with the regularizer (``OUT/runs/<key>``, itself resumable), compared with the given
   unregularized run;
-* fine-tuning (``clean_ft``, ``extra_ft``, ``both_ft``): from the run's final checkpoint and AdamW state.
+* fine-tuning (``clean_ft``, ``extra_ft``, ``both_ft``): from the run's newest (or each named) checkpoint
+  and its AdamW state.
+
+Retain size and selection variants follow each run's ``protocol`` section (run.json) unless the sweep
+overrides them; every row records them (``retain_size``, ``n_retain``, ``selection``) and its checkpoint.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ class RunSpec:
     hparams: tuple      # sorted (name, value) pairs of the full settings
     seed: int
     key: str = field(compare=False)
+    checkpoint: str = "final"   # "final" or a checkpoints/step-* folder name of the run
+    model_path: str = ""        # the weights the run starts from (absolute)
 
     @property
     def hp(self) -> dict:
@@ -106,28 +113,59 @@ def load_grid(grid: str) -> dict[str, list[dict]]:
     return get_grid(grid)
 
 
-def plan(models: list[str], methods: list[str] | str, grid: str | dict, seeds: list[int]) -> list[RunSpec]:
-    """The ordered list of runs. Unknown methods or settings fail here, before any work."""
+def _targets(models: list[str], checkpoints: str) -> list:
+    """(run folder, Checkpoint) pairs: each run folder expanded by ``checkpoints``; a checkpoint folder of a
+    run stands for itself."""
+    from .runs import locate, run_checkpoints
+
+    out = []
+    for model in models:
+        if not os.path.isdir(model):
+            raise ValueError(f"{model!r} is not a `tinymem train` run folder (no run.json): it does not "
+                             "exist")
+        if os.path.isfile(os.path.join(model, "run.json")):
+            run_dir = os.path.abspath(model)
+            out += [(run_dir, c) for c in run_checkpoints(run_dir, checkpoints)]
+            continue
+        ck = locate(model)
+        if ck.run_dir is None:
+            raise ValueError(f"{model!r} is not a `tinymem train` run folder or one of its checkpoints "
+                             "(no run.json beside it)")
+        out.append((ck.run_dir, ck))
+    return list(dict.fromkeys(out))
+
+
+def plan(models: list[str], methods: list[str] | str, grid: str | dict, seeds: list[int],
+         checkpoints: str = "final") -> list[RunSpec]:
+    """The ordered list of runs. Unknown methods or settings fail here, before any work.
+
+    ``checkpoints``: which models of each run folder (``final``, ``all``, ``500,1500,final``); regularizers
+    train a run of their own and are planned once per run, under ``final``."""
     g = load_grid(grid) if isinstance(grid, str) else grid
     names = all_methods() if methods == "all" or methods == ["all"] else [canonical(m) for m in methods]
     grid_names = {canonical(k): v for k, v in g.items()}
     runs = []
-    for model in models:
-        if not os.path.exists(os.path.join(model, "run.json")):
-            raise ValueError(f"{model!r} is not a `tinymem train` run folder (no run.json)")
-        mpath = os.path.abspath(model)
+    for m in names:
+        if m not in grid_names and _kind(m) not in TRAINING_KINDS:
+            raise ValueError(f"the grid has no entry for {m}; grid methods: {', '.join(sorted(grid_names))}")
+    targets = _targets(models, checkpoints)
+    trained_once = set()
+    for run_dir, ck in targets:
         for m in names:
-            points = grid_names.get(m, [{}] if _kind(m) in TRAINING_KINDS else None)
-            if points is None:
-                raise ValueError(f"the grid has no entry for {m}; "
-                                 f"grid methods: {', '.join(sorted(grid_names))}")
-            for point in points:
+            training = _kind(m) == "regularizer"
+            if training and run_dir in trained_once:
+                continue
+            for point in grid_names.get(m, [{}]):
                 full = _full_settings(m, point)
                 for seed in seeds:
-                    blob = json.dumps({"model": mpath, "method": m, "hp": full, "seed": seed}, sort_keys=True,
-                                      default=str)
+                    desc = {"model": run_dir, "method": m, "hp": full, "seed": seed}
+                    label = "final" if training else ck.label
+                    if label != "final":  # keys of final-model runs stay those of earlier sweeps
+                        desc["checkpoint"] = label
+                    blob = json.dumps(desc, sort_keys=True, default=str)
                     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-                    runs.append(RunSpec(mpath, m, tuple(sorted(full.items())), seed, key))
+                    runs.append(RunSpec(run_dir, m, tuple(sorted(full.items())), seed, key, label, ck.path))
+        trained_once.add(run_dir)
     if not runs:
         raise ValueError("the sweep expands to zero runs (no models, methods, grid points or seeds)")
     return runs
@@ -160,45 +198,80 @@ def check_schema(out: str) -> None:
                              f"{SCHEMA_VERSION}; use a new --out folder")
 
 
+KEEP = "run"  # a sweep setting left to each run's protocol section
+
+
 class _ModelCache:
-    """Per trained run: its data, base evaluation and forget set (computed once per process)."""
+    """Per trained run: its config and data; per model (final or checkpoint): its base evaluation and
+    forget set (computed once per process)."""
 
-    def __init__(self, device: str, retain_size: int | None):
-        self.device, self.retain_size, self.cache = device, retain_size, {}
+    def __init__(self, device: str, retain_size, utility_metric: str | None, mem_metric: str | None):
+        self.device, self.retain_size = device, retain_size
+        self.utility_metric, self.mem_metric = utility_metric, mem_metric
+        self.runs, self.models = {}, {}
 
-    def get(self, run_dir: str):
-        if run_dir not in self.cache:
-            from ..methods.finetune import load_run_data
+    def run(self, run_dir: str):
+        if run_dir not in self.runs:
+            from ..tinymem.results import check_selection
+            from .runs import run_config, run_data
+
+            cfg = run_config(run_dir)
+            data = run_data(run_dir, cfg, "its run.json")
+            p = cfg.protocol
+            proto = {"retain_size": p.retain_size if self.retain_size == KEEP else self.retain_size,
+                     "utility_metric": self.utility_metric or p.utility_metric,
+                     "mem_metric": self.mem_metric or p.mem_metric}
+            check_selection(cfg.data.kind, proto["utility_metric"], proto["mem_metric"])
+            self.runs[run_dir] = (cfg, data, proto)
+        return self.runs[run_dir]
+
+    def get(self, run_dir: str, model_path: str):
+        cfg, data, proto = self.run(run_dir)
+        if model_path not in self.models:
             from ..tinymem.models import load_model
-            from .unlearning import forget_set, stats
+            from .unlearning import check_model_fits_data, forget_set, stats
 
-            cfg, data = load_run_data(run_dir)
-            model = load_model(os.path.join(run_dir, "final"), device=self.device)
-            base, forget = stats(model, data), forget_set(model, data)
-            self.cache[run_dir] = (cfg, data, base, forget)
-        return self.cache[run_dir]
+            model = load_model(model_path, device=self.device)
+            check_model_fits_data(model, data, model_path)
+            self.models[model_path] = (stats(model, data), forget_set(model, data))
+        return (cfg, data, proto, *self.models[model_path])
 
 
 def execute(spec: RunSpec, out: str, cache: _ModelCache, progress: bool = False) -> dict:
     from ..methods import get_method
     from ..methods.registry import make_config
     from ..tinymem.models import load_model
+    from ..tinymem.results import rescore
     from .unlearning import unlearn
 
     m = get_method(spec.method)
+    model_path = spec.model_path or os.path.join(spec.model, "final")
     if m.category in TRAINING_KINDS:  # a training run of its own beside the trained one
-        return m.run(spec.model, make_config(m, spec.hp), os.path.join(out, "runs", spec.key),
-                     device=cache.device, seed=spec.seed, progress=progress)
-    cfg, data, base, forget = cache.get(spec.model)
-    model = load_model(os.path.join(spec.model, "final"), device=cache.device)
+        _, _, proto = cache.run(spec.model)
+        src = spec.model if spec.checkpoint == "final" else model_path
+        row = m.run(src, make_config(m, spec.hp), os.path.join(out, "runs", spec.key),
+                    device=cache.device, seed=spec.seed, progress=progress)
+        row = rescore(row, proto["utility_metric"], proto["mem_metric"])
+        row["checkpoint"] = spec.checkpoint
+        return row
+    cfg, data, proto, base, forget = cache.get(spec.model, model_path)
+    model = load_model(model_path, device=cache.device)
     return unlearn(model, data, spec.method, {**spec.hp, "progress": progress}, seed=spec.seed,
-                   model_tag=spec.model, base=base, forget=forget, retain_size=cache.retain_size)
+                   model_tag=spec.model, base=base, forget=forget, retain_size=proto["retain_size"],
+                   utility_metric=proto["utility_metric"], mem_metric=proto["mem_metric"],
+                   checkpoint=spec.checkpoint)
 
 
 def run_sweep(runs: list[RunSpec], out: str, *, shard: tuple[int, int] = (0, 1), device: str = "cpu",
-              retain_size: int | None = 2000, progress: bool = True) -> dict:
-    """Run this shard's share of ``runs``; returns a summary (counts, wall time, bookkeeping share)."""
+              retain_size: int | None | str = KEEP, utility_metric: str | None = None,
+              mem_metric: str | None = None, progress: bool = True) -> dict:
+    """Run this shard's share of ``runs``; returns a summary (counts, wall time, bookkeeping share).
+
+    ``retain_size`` (None: every clean row), ``utility_metric`` and ``mem_metric`` override each run's
+    ``protocol`` section; ``"run"`` / None keep it."""
     from tqdm.auto import tqdm
+
+    from .unlearning import NothingMemorized
 
     t_start = time.perf_counter()
     os.makedirs(os.path.join(out, "rows"), exist_ok=True)
@@ -208,20 +281,31 @@ def run_sweep(runs: list[RunSpec], out: str, *, shard: tuple[int, int] = (0, 1),
         _write_atomic(os.path.join(out, "sweep.json"), {"schema": SCHEMA_VERSION, "n_runs": len(runs)})
     mine = runs[i::n]
     todo = [r for r in mine if not os.path.exists(os.path.join(out, "rows", f"{r.key}.json"))]
-    cache = _ModelCache(device, retain_size)
+    cache = _ModelCache(device, retain_size, utility_metric, mem_metric)
     in_runs = 0.0
-    done = 0
+    done = nothing = 0
     bar = tqdm(todo, desc=f"sweep shard {i}/{n}", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(f"{spec.method} {spec.hp.get('ratio', '')}")
         t0 = time.perf_counter()
-        row = execute(spec, out, cache)
-        in_runs += time.perf_counter() - t0
-        row.update(sweep_key=spec.key, schema=SCHEMA_VERSION, grid_point=spec.hp, model_dir=spec.model)
+        try:
+            row = execute(spec, out, cache)
+        except NothingMemorized as exc:
+            # an early checkpoint of the several-checkpoint protocol may not have memorized anything yet
+            if spec.checkpoint == "final":
+                raise
+            log.warning("%s @ %s: %s; no row", spec.model, spec.checkpoint, exc)
+            nothing += 1
+            continue
+        finally:
+            in_runs += time.perf_counter() - t0
+        row.update(sweep_key=spec.key, schema=SCHEMA_VERSION, grid_point=spec.hp, model_dir=spec.model,
+                   checkpoint=spec.checkpoint)
         _write_atomic(os.path.join(out, "rows", f"{spec.key}.json"), row)
         done += 1
     wall = time.perf_counter() - t_start
     summary = {"shard": f"{i}/{n}", "planned": len(mine), "skipped": len(mine) - len(todo), "ran": done,
+               "nothing_memorized": nothing,
                "wall_s": wall, "in_runs_s": in_runs,
                "bookkeeping_s": wall - in_runs, "bookkeeping_frac": (wall - in_runs) / wall if wall else 0.0}
     _write_atomic(os.path.join(out, f"summary-shard{i}of{n}.json"), summary)

@@ -16,7 +16,17 @@ from .. import __version__
 from ..common.devices import device_name, sync
 from ..methods.registry import UnlearnInputs, get_unlearning_method, make_config
 from ..tinymem.memorization import backdoor_success, noise_memorization
-from ..tinymem.results import CSV_FIELDS, append_row, run_id, selection_score, stats, utility  # noqa: F401
+from ..tinymem.results import (  # noqa: F401
+    CSV_FIELDS,
+    append_row,
+    check_selection,
+    mem_metric_key,
+    run_id,
+    selection_score,
+    stats,
+    utility,
+    utility_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +78,23 @@ def retain_set(data, forget_idx: torch.Tensor, size: int | None, seed: int) -> t
 
 def unlearn(model, data, method: str, overrides: dict | None = None, *, retain_size: int | None = 2000,
             seed: int = 0, model_tag: str = "", base: dict | None = None, eval_batch_size: int = 256,
-            forget: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Run one method on ``model`` (edited in place) and return its result row."""
+            forget: tuple[torch.Tensor, torch.Tensor] | None = None, utility_metric: str | None = None,
+            mem_metric: str = "mem", checkpoint: str = "final") -> dict:
+    """Run one method on ``model`` (edited in place) and return its result row.
+
+    ``retain_size``: clean retain rows (None: all). ``utility_metric`` / ``mem_metric``: the selection
+    score's utility and memorization variants (:class:`~tinymem_fast.tinymem.results.ProtocolConfig`).
+    ``checkpoint``: which model of the run this is (``final``, ``step-...``), recorded in the row."""
     m = get_unlearning_method(method)
     cfg = make_config(m, overrides)
     if hasattr(cfg, "seed"):
         cfg.seed = seed
-    mem_key = "mem" if data.config.artifact == "noise" else "asr"
+    kind = data.config.kind
+    check_selection(kind, utility_metric, mem_metric)
     t0 = time.perf_counter()
     if base is None:
         base = stats(model, data, eval_batch_size)
+    mem_key = mem_metric_key(data.config.artifact, mem_metric, base)
     if forget is None:
         forget = forget_set(model, data, eval_batch_size)
     f_idx, f_start = forget
@@ -95,14 +112,15 @@ def unlearn(model, data, method: str, overrides: dict | None = None, *, retain_s
     t2 = time.perf_counter()
     after = stats(model, data, eval_batch_size)
     t_eval_after = time.perf_counter() - t2
-    kind = data.config.kind
     row = {
         "run_id": run_id(model_tag, m.name, cfg, seed), "model": model_tag, "method": m.name,
         "category": m.category, "seed": seed, "hparams": dataclasses.asdict(cfg),
-        "n_forget": int(f_idx.numel()), "n_retain": int(r_idx.numel()),
+        "checkpoint": checkpoint, "n_forget": int(f_idx.numel()), "n_retain": int(r_idx.numel()),
+        "retain_size": retain_size, "retain_pool": int(data.clean_rows().numel()),
+        "selection": {"utility_metric": utility_metric or utility_key(kind), "mem_metric": mem_key},
         "mem_metric": mem_key, "mem_before": base[mem_key], "mem_after": after[mem_key],
         "utility_before": utility(base, kind), "utility_after": utility(after, kind),
-        **selection_score(base, after, kind, mem_key),
+        **selection_score(base, after, kind, mem_key, utility_metric),
         "time_method_s": t_method, "time_edit_s": info.get("time_edit_s", t_method),
         "time_eval_s": t_eval_before + t_eval_after, "method_info": info,
         "device": device_name(model), "versions": {"tinymem_fast": __version__, "torch": torch.__version__},

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..eval.scoring import score_exact
+from .data.artifacts import window_eligible
 
 
 @dataclass
@@ -39,13 +40,15 @@ def score_windows(model, ids: torch.Tensor, start: torch.Tensor | int, end: torc
 def noise_memorization(model, data, batch_size: int = 64) -> dict:
     """% of eligible noised sequences reproduced from their clean prompt (per duplication group too).
 
-    Eligible: the noised window differs from the clean twin's. Prompt: the clean prefix.
+    Eligible: the noised window differs from the clean twin's. Prompt: the clean prefix. The window is
+    positions [prompt_len, prompt_len + mem_len) of the padded rows: under ``data.window_rule=padded`` it
+    may run past EOS into padding, which then has to be reproduced too (plain argmax, nothing suppressed).
     """
     c = data.config
     p, k = c.prompt_len, c.mem_len
     noised = data.rows[data.artifact_rows]
     clean = data.clean_twins
-    eligible = (noised[:, p: p + k] != clean[:, p: p + k]).any(1)
+    eligible = window_eligible(noised, clean, p, k)
     probe = torch.cat([clean[:, :p], noised[:, p: p + k]], 1)
     mem = score_windows(model, probe, p, p + k, batch_size).match & eligible
     clean_out = score_windows(model, clean[:, : p + k], p, p + k, batch_size).match & eligible

@@ -19,6 +19,7 @@ from ..common.validation import like_default, parse_like
 from .data.dataset import DataConfig
 from .models import ModelConfig
 from .regularizers import MOVED, RegularizerConfig, upgrade_tree
+from .results import ProtocolConfig
 from .training import TrainConfig
 
 
@@ -28,6 +29,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     seed: int = 0
     description: str = ""
 
@@ -35,13 +37,18 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The paper presets reproduce the paper's choices where ours differ: pads in the loss, windows that run
+# on into EOS and padding (its math rows are shorter than prompt 50 + window 50), and, for unlearning,
+# SPEC 6.2's retain sets and the paper's utility variants and group-mean memorization in the selection.
 def _paper_math(artifact: str) -> RunConfig:
     # 3,500 epochs (noise) / 500 (backdoor), checkpoints every 50 epochs
     epochs = 3500 if artifact == "noise" else 500
     return RunConfig(
-        data=DataConfig(kind="math", artifact=artifact, family="increment"),
+        data=DataConfig(kind="math", artifact=artifact, family="increment", window_rule="padded"),
         model=ModelConfig(n_layer=4),
-        train=TrainConfig(batch_size=128, epochs=epochs, eval_every_epochs=50, ckpt_every_epochs=50),
+        train=TrainConfig(batch_size=128, epochs=epochs, eval_every_epochs=50, ckpt_every_epochs=50,
+                          loss_on_pad=True),
+        protocol=ProtocolConfig(retain_size=None, utility_metric="acc_paper", mem_metric="avg_perc_mem"),
         description=f"paper: math + {artifact}, 4 layers, num_extra 3000, {epochs} epochs (GPU)",
     )
 
@@ -50,10 +57,12 @@ def _paper_language(artifact: str) -> RunConfig:
     epochs = 100 if artifact == "noise" else 50
     return RunConfig(
         data=DataConfig(kind="language", artifact=artifact, dup_groups=4 if artifact == "noise" else 0,
-                        num_noise=1000, bpe_vocab_size=50257),
+                        num_noise=1000, bpe_vocab_size=50257, window_rule="padded"),
         model=ModelConfig(n_layer=4),
         train=TrainConfig(batch_size=128, epochs=epochs, eval_every_epochs=10, ckpt_every_epochs=10,
-                          eval_batch_size=64),
+                          eval_batch_size=64, loss_on_pad=True),
+        protocol=ProtocolConfig(retain_size=100_000, utility_metric="ppl_batchmean",
+                                mem_metric="avg_perc_mem"),
         description=f"paper: language + {artifact}, 4 layers, {epochs} epochs; pass data.tokenizer=DIR "
                     "(GPT-2 BPE) and a WikiText-103 source to match the paper exactly (GPU)",
     )
@@ -203,4 +212,5 @@ def apply_overrides(cfg: RunConfig, sets: list[str] | None = None, file: str | N
     cfg.model.validate()
     cfg.train.validate()
     cfg.regularizer.validate()
+    cfg.protocol.validate(cfg.data.kind)
     return cfg

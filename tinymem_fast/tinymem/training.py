@@ -413,7 +413,10 @@ def _summary(m: dict) -> str:
 # any step computes (the data order of each epoch is seeded by the epoch alone).
 RESUMABLE = {"description", "train.max_steps", "train.epochs", "train.eval_every", "train.ckpt_every",
              "train.eval_every_epochs", "train.ckpt_every_epochs", "train.keep_checkpoints",
-             "train.eval_batch_size", "train.device", "train.compile", "regularizer.timing_steps"}
+             "train.eval_batch_size", "train.device", "train.compile", "regularizer.timing_steps",
+             "protocol.retain_size", "protocol.utility_metric", "protocol.mem_metric"}
+# settings added after runs were recorded without them, with the value those runs had in effect
+ADDED = {"data.window_rule": "content"}
 # what a run folder holds besides its data cache; --no-resume removes all of it
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "final_metrics.json", "run.json")
 
@@ -456,7 +459,8 @@ def _claim_run_folder(out: str, config: dict, resume: bool) -> dict | None:
         return None  # a record without checkpoints or model: nothing to resume, nothing to protect
     new_cfg = _flat(config)
     changed = [k for k in sorted(set(old_cfg) | set(new_cfg))
-               if k not in RESUMABLE and old_cfg.get(k, "<unset>") != new_cfg.get(k, "<unset>")]
+               if k not in RESUMABLE
+               and old_cfg.get(k, ADDED.get(k, "<unset>")) != new_cfg.get(k, ADDED.get(k, "<unset>"))]
     if changed:
         what = ", ".join(f"{k} {old_cfg.get(k, '<unset>')!r} -> {new_cfg.get(k, '<unset>')!r}"
                          for k in changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")

@@ -30,6 +30,22 @@ def noise_token_ids(ids: torch.Tensor, content: torch.Tensor, p: float, vocab_si
     return out
 
 
+def window_eligible(noised: torch.Tensor, clean: torch.Tensor, prompt_len: int, mem_len: int) -> torch.Tensor:
+    """[M] bool: the noised row differs from its clean twin somewhere in the window, compared position by
+    position (EOS and padding included, so a row whose noise moved its end differs there too)."""
+    w = slice(prompt_len, prompt_len + mem_len)
+    return (noised[:, w] != clean[:, w]).any(1)
+
+
+def noise_window_meta(noised_pad: torch.Tensor, eligible: torch.Tensor, prompt_len: int,
+                      mem_len: int) -> dict:
+    """What a dataset records about its noise windows: the eligible count and how many noised rows end
+    before their window does (scored on EOS / padding, under ``window_rule=padded``)."""
+    length = (~noised_pad).sum(1)
+    return {"eligible": int(eligible.sum()),
+            "window_past_end": int((length < prompt_len + mem_len).sum())}
+
+
 def duplication_counts(n: int, groups: int, base: int, gen: torch.Generator) -> tuple[torch.Tensor,
                                                                                         torch.Tensor]:
     """Random partition of ``n`` items into ``groups`` equal groups; group g is repeated base**g times.

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 KINDS = ("math", "language")
 ARTIFACTS = ("noise", "backdoor", "none")
+# "content": the noise window must end inside the shortest main sequence (quick presets: every scored
+# token is a digit or separator). "padded": the window is positions [prompt_len, prompt_len + mem_len) of
+# the max_ctx row wherever the content ends, EOS and padding included (the paper's rows are shorter than
+# 50 + 50; its models learn the pads, which are in its loss, and its decoding can reproduce them).
+WINDOW_RULES = ("content", "padded")
 
 
 @dataclass
@@ -41,6 +46,7 @@ class DataConfig:
     max_ctx: int = 150
     prompt_len: int = 50
     mem_len: int = 50
+    window_rule: str = "content"       # content | padded (WINDOW_RULES)
     data_seed: int = 598
     num_noise: int = 1000
     noise_p: float = 0.05
@@ -70,6 +76,9 @@ class DataConfig:
             raise ValueError(f"unknown artifact {self.artifact!r}; choose one of {', '.join(ARTIFACTS)}")
         if self.kind == "math":
             mathdata.check_family(self.family)
+        if self.window_rule not in WINDOW_RULES:
+            raise ValueError(f"unknown data.window_rule {self.window_rule!r}; choose one of "
+                             f"{', '.join(WINDOW_RULES)}")
         at_least("data", self, 1, "num_main", "num_test", "seq_numbers", "max_ctx", "modulus", "dup_base",
                  "backdoor_dup", "bpe_vocab_size", "prompt_len", "mem_len")
         at_least("data", self, 0, "num_extra", "num_noise", "dup_groups", "backdoor_fill_id", "data_seed")
@@ -154,9 +163,10 @@ def _build_math(c: DataConfig, seed: int) -> TinyMemData:
     main = mathdata.family_numbers(c.family, c.main_const, c.num_main, c.seq_numbers, c.modulus)
     main_texts, main_ids, main_pad = _encode_all(main, c.max_ctx)
     shortest = int((~main_pad).sum(1).min())
-    if c.artifact == "noise" and c.prompt_len + c.mem_len > shortest:
+    if c.artifact == "noise" and c.window_rule == "content" and c.prompt_len + c.mem_len > shortest:
         raise ValueError(f"the memorization window ends at {c.prompt_len + c.mem_len} but the shortest "
-                         f"sequence has {shortest} tokens; lower prompt_len/mem_len or add numbers")
+                         f"sequence has {shortest} tokens; lower prompt_len/mem_len, add numbers, or set "
+                         "data.window_rule=padded (the paper's: the window runs on into EOS and padding)")
     test: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     parts_ids, parts_pad = [], []
     aux_ids, aux_pad = [], []
@@ -214,7 +224,9 @@ def _build_math(c: DataConfig, seed: int) -> TinyMemData:
             group, copies_art = artifacts.duplication_counts(c.num_noise, c.dup_groups, c.dup_base, gen)
             artifact_rows = pick
             noise_info = dict(clean_twins=twins, noise_group=group)
-            meta.update(shifted_sequences=int(shifted))
+            meta.update(shifted_sequences=int(shifted), **artifacts.noise_window_meta(
+                nz_pad, artifacts.window_eligible(nz_ids, twins, c.prompt_len, c.mem_len), c.prompt_len,
+                c.mem_len))
         parts_ids.append(train_ids)
         parts_pad.append(train_pad)
         n_clean = 0
@@ -262,6 +274,8 @@ def _build_language(c: DataConfig, seed: int, workdir: str | None) -> TinyMemDat
         noised = artifacts.noise_token_ids(ids[:m], content, c.noise_p, vocab, gen)
         group, copies_art = artifacts.duplication_counts(m, c.dup_groups, c.dup_base, gen)
         twins = ids[:m].clone()
+        eligible = artifacts.window_eligible(noised, twins, c.prompt_len, c.mem_len)
+        meta.update(artifacts.noise_window_meta(pad[:m], eligible, c.prompt_len, c.mem_len))
         rows = torch.cat([noised, ids[m:]])
         copies = torch.ones(rows.shape[0], dtype=torch.long)
         copies[:m] = copies_art
