@@ -10,7 +10,7 @@ from tinymem_fast.ops import OP_FAMILIES, registry
 
 
 def test_every_family_has_a_dispatch_spec():
-    assert set(OP_FAMILIES) == {"masked_subnet", "memscore", "causal_attention"}
+    assert set(OP_FAMILIES) == {"masked_subnet", "memscore", "causal_attention", "linear_cross_entropy"}
     for spec in OP_FAMILIES.values():
         assert "torch" in spec["backends"] and spec["ext_ops"]
 
