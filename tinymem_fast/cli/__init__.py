@@ -9,7 +9,7 @@ import sys
 
 from .. import __version__
 from ..common import atomic
-from .common import add_scoring_args, one_line, positive_int, retain_size_arg, user_errors
+from .common import add_scoring_args, one_line, retain_size_arg, user_errors
 
 
 def _command(module: str, name: str):
@@ -163,20 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     py = sub.add_parser("pythia", parents=[quiet, device],
                         help="the Pythia protocol: base stats + methods on any local HF checkpoint")
-    py.add_argument("model", help="local Hugging Face causal LM folder (e.g. pythia-2.8b-deduped)")
-    py.add_argument("--memorized", required=True, help="memorized sequences (.jsonl/.npy/.pt), prefix+suffix")
-    py.add_argument("--clean", required=True, help="clean sequences: perplexity and the retain set")
-    py.add_argument("--methods", default="", help="comma-separated methods or `all` (empty: base stats only)")
-    py.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                    help="as for `tinymem unlearn` (method:key=value scopes one method)")
-    py.add_argument("--prefix-len", type=int, default=32)
-    py.add_argument("--suffix-len", type=int, default=40)
-    py.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    py.add_argument("--device-map", help="e.g. auto: shard a model that does not fit one GPU")
-    py.add_argument("--retain-size", type=positive_int, default=1632)
-    py.add_argument("--batch-size", type=int, default=32)
-    py.add_argument("--seed", type=int, default=0)
-    py.add_argument("--out", default="tinymem_pythia")
+    from .pythia import add_args as add_pythia_args  # no torch import there
+
+    add_pythia_args(py)
     py.set_defaults(func=_command("pythia", "cmd_pythia"))
     return p
 

@@ -4,6 +4,10 @@ Greedy decoding reproduces a target window exactly iff, in one teacher-forced pa
 target), the argmax at every position before a window token equals that token: while all earlier
 tokens match, the decoder's context is the teacher-forced one. One forward pass therefore gives the
 exact-match bit and the first mismatch for a whole batch.
+
+EOS: both metrics decode with plain argmax and suppress nothing, so a window holding the model's EOS (or
+padding) token can be reproduced; the reference's ``generate(min_length=150)`` could never emit EOS there
+(SPEC 4.5). The Pythia protocol (:mod:`tinymem_fast.experiments.pythia`) does suppress it, as the paper.
 """
 
 from __future__ import annotations
