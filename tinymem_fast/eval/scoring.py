@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..ops.checks import check_values
 from ..ops.greedy import (
     CausalLMParts,
     final_hidden,
@@ -34,7 +35,7 @@ from ..ops.greedy import (
     split_causal_lm,
     top2_margin,
 )
-from ..ops.memscore import ExampleScores, check_values, memscore_examples
+from ..ops.memscore import ExampleScores, memscore_examples
 
 log = logging.getLogger(__name__)
 

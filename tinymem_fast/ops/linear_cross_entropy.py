@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import registry
+from .checks import check_values
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -118,29 +119,6 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
             raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; cast them to one dtype")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-
-
-def _check_values(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> None:
-    """Targets in range and finite inputs, with one host synchronisation. A sum is NaN/inf iff some
-    entry is (up to an overflow of the sum itself -- float16's range is small -- which the slow path
-    below tells apart), and it needs no input-sized temporary, unlike ``isfinite(weight).all()``."""
-    vocab = weight.shape[0]
-    flags = [((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).any()]
-    if hidden.numel():
-        # sum() accumulates half precision in float32 already; sum(dtype=float32) would copy the tensor
-        flags += [hidden.sum().isfinite().logical_not(), weight.sum().isfinite().logical_not()]
-    bad = torch.stack(flags).tolist()
-    if bad[0]:
-        wrong = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        pos = [int(i) for i in wrong.nonzero()[0]]
-        raise ValueError(f"targets contain id {int(targets[tuple(pos)])} at position {pos}, outside the "
-                         f"vocabulary [0, {vocab}) and not ignore_index={ignore_index}; fix the "
-                         "tokenizer/lm_head pairing or mark padding with ignore_index")
-    if len(bad) > 1:
-        for name, t, is_bad in (("hidden", hidden, bad[1]), ("weight", weight, bad[2])):
-            if is_bad and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or inf; the loss is undefined (did training "
-                                 "diverge?)")
 
 
 # --- torch reference --------------------------------------------------------------------------
@@ -424,7 +402,7 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     if validate and not torch.compiler.is_compiling():
-        _check_values(hidden, weight, targets, ignore_index)
+        check_values(hidden, weight, targets, vocab=weight.shape[0], ignore_index=ignore_index)
     b = registry.select("fused_linear_cross_entropy", hidden.device, backend, **DISPATCH)
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)

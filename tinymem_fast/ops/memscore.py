@@ -43,13 +43,13 @@ the maximum with the float32 kernel's own FMA chain, so the ids equal the plain 
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import registry
+from .checks import check_values, tensor_version
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_CHUNK = 8192  # vocab columns per tile in the torch reference
@@ -161,64 +161,6 @@ def _check_targets(hidden: Tensor, targets: Tensor, mask: Tensor | None, vocab: 
         if mask.device != hidden.device:
             raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
     return mask
-
-
-# weights found finite, by id: (weak reference, version counter, data pointer) at the check. A weight is
-# read again only after it changed (an optimizer step bumps the version), so a decoding loop that calls
-# the head once per token does not re-read V x d floats per call to check them.
-_FINITE_WEIGHTS: dict[int, tuple] = {}
-
-
-def _known_finite(weight: Tensor) -> bool:
-    seen = _FINITE_WEIGHTS.get(id(weight))
-    return (seen is not None and seen[0]() is weight and seen[1] == _weight_version(weight)
-            and seen[2] == weight.data_ptr())
-
-
-def _remember_finite(weight: Tensor) -> None:
-    version = _weight_version(weight)
-    if version is None:
-        return
-    key = id(weight)
-    _FINITE_WEIGHTS[key] = (weakref.ref(weight, lambda _: _FINITE_WEIGHTS.pop(key, None)), version,
-                            weight.data_ptr())
-
-
-def _first_bad(bad: Tensor) -> list[int]:
-    return [int(i) for i in bad.nonzero()[0]]
-
-
-def check_values(hidden: Tensor, weight: Tensor, targets: Tensor | None = None, mask: Tensor | None = None,
-                 *, vocab: int | None = None) -> None:
-    """The checks that read the data: hidden and weight finite, targets in ``[0, vocab)`` where ``mask``
-    scores them. One host sync for all of them (``.tolist()`` of a few flags); skipped while
-    ``torch.compile`` traces. ``bias`` is not checked: ``-inf`` there is how ids are suppressed."""
-    if torch.compiler.is_compiling():
-        return
-    flags = [~torch.isfinite(hidden).all()]
-    check_weight = not _known_finite(weight)
-    if check_weight:
-        flags.append(~torch.isfinite(weight).all())
-    if targets is not None:
-        bad_t = (targets < 0) | (targets >= vocab)
-        if mask is not None:
-            bad_t &= mask
-        flags.append(bad_t.any())
-    got = torch.stack(flags).tolist()
-    if got[0]:
-        pos = _first_bad(~torch.isfinite(hidden))
-        raise ValueError(f"hidden holds {float(hidden[tuple(pos)])} at position {pos}: the model's hidden "
-                         "states are not finite (diverged weights, or an overflow in float16?)")
-    if check_weight:
-        if got[1]:
-            pos = _first_bad(~torch.isfinite(weight))
-            raise ValueError(f"weight (the lm_head) holds {float(weight[tuple(pos)])} at {pos}; suppress ids "
-                             "with a -inf bias instead of editing the weight")
-        _remember_finite(weight)
-    if targets is not None and got[-1]:
-        pos = _first_bad(bad_t)
-        raise ValueError(f"targets contain id {int(targets[tuple(pos)])} at position {pos}, outside the "
-                         f"vocabulary [0, {vocab}); mask out padding or fix the tokenizer/lm_head pairing")
 
 
 def _check_chunk(chunk_size: int | None) -> int:
@@ -356,7 +298,7 @@ def _token_scores(hidden, weight, targets, bias, mask, need_nll, early_exit, chu
     if early_exit and need_nll:
         raise ValueError("early_exit=True needs need_nll=False (pruned tokens have no NLL)")
     if validate:
-        check_values(hidden, weight, targets, mask, vocab=weight.shape[0])
+        check_values(hidden, weight, targets, vocab=weight.shape[0], mask=mask)
     b = _select(op, "memscore", hidden.device, backend)
     bsz, seq, d = hidden.shape
     h = hidden.detach().reshape(bsz * seq, d)
@@ -466,13 +408,6 @@ def head_screen_available() -> bool:
     return bool(torch.ops.tinymem.head_screen_available())
 
 
-def _weight_version(weight: Tensor) -> int | None:
-    try:
-        return weight._version
-    except RuntimeError:  # an inference tensor: no version counter
-        return None
-
-
 def pack_head(weight: Tensor, bias: Tensor | None = None) -> HeadPack | None:
     """Convert a float32 CPU LM head once for ``lm_head_argmax(..., pack=...)``; None where the screened
     head cannot run (not float32 on CPU, no AVX512-BF16, an extension without it, ``TINYMEM_HEAD_SCREEN=0``),
@@ -491,7 +426,7 @@ def pack_head(weight: Tensor, bias: Tensor | None = None) -> HeadPack | None:
         raise ValueError(f"weight (the lm_head) must be a non-empty [V, d], got shape {tuple(weight.shape)}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {getattr(bias, 'shape', bias)!r}")
-    version = _weight_version(weight)
+    version = tensor_version(weight)
     if version is None or not head_screen_available():
         return None
     packed, wnorm = torch.ops.tinymem.pack_head_bf16(weight.detach().contiguous())
@@ -505,7 +440,7 @@ def _check_pack(pack: HeadPack, weight: Tensor) -> None:
     if tuple(weight.shape) != pack.shape or weight.data_ptr() != pack.data_ptr:
         raise ValueError(f"stale HeadPack: it was built for another weight (shape {pack.shape}) than this "
                          f"one {tuple(weight.shape)}; call pack_head(weight) again")
-    if _weight_version(weight) != pack.version:
+    if tensor_version(weight) != pack.version:
         raise ValueError("stale HeadPack: the weight was modified in place after pack_head(weight); "
                          "call pack_head(weight) again")
 
