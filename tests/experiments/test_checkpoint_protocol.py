@@ -96,7 +96,7 @@ def test_unlearn_a_checkpoint(tiny_run, tmp_path):
     assert row["n_retain"] == row["retain_size"] == 2000 or row["n_retain"] == row["retain_pool"]
     assert row["selection"] == {"utility_metric": "acc", "mem_metric": "mem"}   # the quick preset's
     # other data than the run's: refused in one line before any work
-    r = cli("unlearn", "--model", last.path, "--method", "durable", "--set", "data.num_noise=39",
+    r = cli("unlearn", "--model", last.path, "--method", "durable", "--set", "data.num_noise=38",
             "--out", str(tmp_path / "x"), "--quiet")
     assert r.returncode == 2 and "is not the data" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
