@@ -131,5 +131,8 @@ def run(device: str = "cpu", repeats: int = 1, methods: list[str] | None = None)
                 f"mem {r['mem_before']:.1f}% -> {r['mem_after']:.1f}%, "
                 f"acc {100 * r['base']['avg_acc']:.2f} -> {100 * r['after']['avg_acc']:.2f}, "
                 f"score {r['score']:.3f}")
+        if "stop_rule" in r["hparams"]:  # Slimming, Hard Concrete: which stop schedule the figures follow
+            note += (f"; stop_rule {r['hparams']['stop_rule']}, {r['method_info']['steps']} steps, "
+                     f"epochs cut {r['method_info'].get('epochs_cut') or 'none'}")
         out.append(Row("methods_quick", f"{m}, {PRESET}", "tinymem (cpp)", ms, ms, ms, note=note))
     return out
