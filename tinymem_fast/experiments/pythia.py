@@ -136,7 +136,7 @@ def protocol_stats(model, memorized: torch.Tensor, ppl_ids: torch.Tensor, cfg: P
                           backend=None, progress=False, suppress_ids=suppress or None)
     exact = cols["exact"].cpu()
     ppl = perplexities(model, ppl_ids, cfg.ppl_batch_size)
-    return {"mem": 100.0 * float(exact.float().mean()), "n_memorized": int(exact.sum()),
+    return {"mem": 100.0 * int(exact.sum()) / max(1, exact.numel()), "n_memorized": int(exact.sum()),
             "n_sequences": int(exact.numel()),
             "fractional": float(cols["fractional"].double().mean()),
             "fractional_tf": float(cols["fractional_tf"].double().mean()),
