@@ -125,3 +125,21 @@ def test_sweep_over_checkpoints_and_report(tiny_run, tmp_path):
     r = cli("sweep", str(tiny_run), "--methods", "durable", "--grid", str(grid), "--checkpoints", "12345",
             "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "no checkpoint at step 12345" in r.stderr
+
+
+def test_csv_utility_columns_are_the_selected_utility(tmp_path):
+    """results.csv's util_before/util_after are the utility d_util was computed from (ppl_batchmean here),
+    not always the token perplexity."""
+    import csv
+
+    from tinymem_fast.tinymem.results import append_row
+
+    row = {"run_id": "r", "model": "m", "method": "durable", "seed": 0, "hparams": {"ratio": 0.1},
+           "mem_metric": "mem", "mem_before": 50.0, "mem_after": 10.0, "d_mem": -0.8,
+           "utility_before": {"ppl_token": 20.0, "ppl_batchmean": 22.0},
+           "utility_after": {"ppl_token": 25.0, "ppl_batchmean": 33.0}, "d_util": 0.5,
+           "selection": {"utility_metric": "ppl_batchmean", "mem_metric": "mem"}, "score": -0.3,
+           "time_method_s": 1.0, "n_forget": 4, "n_retain": 8}
+    append_row(row, str(tmp_path))
+    got = next(csv.DictReader(open(tmp_path / "results.csv")))
+    assert (float(got["util_before"]), float(got["util_after"])) == (22.0, 33.0)

@@ -12,16 +12,9 @@ import os
 from collections import defaultdict
 
 from ..common.optional import pyplot
+from ..tinymem.results import row_utility_key
 
 CATEGORY_ORDER = {"regularizer": 0, "fine-tuning": 1, "neuron": 2, "weight": 3}
-
-
-def _util_key(row: dict) -> str:
-    """The utility the row was selected on (older rows: the pad-masked accuracy / token perplexity)."""
-    chosen = (row.get("selection") or {}).get("utility_metric")
-    if chosen in row["utility_before"]:
-        return chosen
-    return "acc" if "acc" in row["utility_before"] else "ppl_token"
 
 
 def _setting(row: dict) -> str:
@@ -45,7 +38,7 @@ def best_runs(rows: list[dict], perp_cutoff: float = 500.0, mem_cutoff: float = 
     for r in rows:
         r = rescore(r, utility_metric, mem_metric)
         ua = r["utility_after"]
-        ppl = _util_key(r) if _util_key(r).startswith("ppl") else "ppl_token"
+        ppl = row_utility_key(r) if row_utility_key(r).startswith("ppl") else "ppl_token"
         if ppl in ua and not (ua[ppl] < perp_cutoff):
             continue
         if not r["mem_after"] < mem_cutoff or r["score"] != r["score"]:
@@ -83,7 +76,7 @@ def table(rows: list[dict], best: dict) -> list[dict]:
         n_runs[(_setting(r), r["method"])] += 1
     out = []
     for (setting, method), r in best.items():
-        uk = _util_key(r)
+        uk = row_utility_key(r)
         out.append({
             "setting": setting, "method": method, "category": r.get("category", ""),
             "runs": n_runs[(setting, method)],
@@ -149,7 +142,7 @@ def scatter_png(rows: list[dict], best: dict) -> bytes:
                        label=m, zorder=3)
             ax.annotate(m, (100 * r["d_util"], 100 * r["d_mem"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
-        util = "accuracy" if _util_key(rs[0]).startswith("acc") else "perplexity"
+        util = "accuracy" if row_utility_key(rs[0]).startswith("acc") else "perplexity"
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_xlabel(f"relative change in {util} (%)")

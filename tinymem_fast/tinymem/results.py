@@ -135,6 +135,14 @@ CSV_FIELDS = ["run_id", "model", "method", "seed", "ratio", "mem_metric", "mem_b
               "util_before", "util_after", "d_util", "score", "time_method_s", "n_forget", "n_retain"]
 
 
+def row_utility_key(row: dict) -> str:
+    """The utility a result row was selected on (older rows: the pad-masked accuracy / token perplexity)."""
+    chosen = (row.get("selection") or {}).get("utility_metric")
+    if chosen in row["utility_before"]:
+        return chosen
+    return "acc" if "acc" in row["utility_before"] else "ppl_token"
+
+
 def append_row(row: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
@@ -144,7 +152,7 @@ def append_row(row: dict, out_dir: str) -> None:
     path = os.path.join(out_dir, "results.csv")
     new = not os.path.exists(path)
     ub, ua = row["utility_before"], row["utility_after"]
-    ukey = "acc" if "acc" in ub else "ppl_token"
+    ukey = row_utility_key(row)  # the CSV's utility columns are the ones d_util was computed from
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new:
