@@ -63,6 +63,7 @@ def main(argv=None) -> int:
                       ("layers", "BENCH_LAYERS"), ("unlearn_epochs", "BENCH_UNLEARN_EPOCHS")):
         if getattr(args, flag) is not None:
             os.environ[env] = str(getattr(args, flag))
+    failed = []
     for name in args.only or SUITES:
         mod = importlib.import_module(SUITES[name])
         print(f"== {name} on {args.device}", flush=True)
@@ -70,8 +71,12 @@ def main(argv=None) -> int:
         for r in rows:
             ratio = f"{r.ratio:6.2f}x vs {r.baseline}" if r.ratio is not None else ""
             print(f"  {r.case:<55} {r.provider:<28} {r.median_ms:10.2f} ms {ratio}  {r.note}", flush=True)
+        failed += [f"{name}: {r.case} / {r.provider}: {r.note}" for r in rows if r.ok is False]
         path = save(args.device, name, rows)
         print(f"  saved {path}; bench/RESULTS.md rewritten")
+    if failed:  # a figure next to a wrong result is no figure: the run fails (gpu_check.sh relies on it)
+        print("correctness checks that failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

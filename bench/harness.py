@@ -91,6 +91,8 @@ class Row:
     ratio: float | None = None  # baseline time / this time (>1 = faster than the baseline)
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # a correctness check made alongside the timing (None: none made); False fails `python -m bench`
+    ok: bool | None = None
 
 
 def cpu_model() -> str:

@@ -45,19 +45,16 @@ def bench_threshold(device: str, repeats: int) -> list[Row]:
     rows = []
     t = measure(lambda: _sort_threshold_mask(s, k), device=device, repeats=max(2, repeats // 2))
     rows.append(Row("masked_subnet", case, "torch.sort (paper)", *t))
-    t = measure(lambda: torch.kthvalue(s.abs().flatten().cpu() if device != "cpu" else s.abs().flatten(), k),
-                device=device, repeats=repeats)
-    rows.append(Row("masked_subnet", case, "torch.kthvalue", *t,
-                    note="value only, no tie handling" + (" (on CPU: no CUDA kthvalue)" if device != "cpu"
-                                                          else "")))
+    t = measure(lambda: torch.kthvalue(s.abs().flatten(), k), device=device, repeats=repeats)
+    rows.append(Row("masked_subnet", case, "torch.kthvalue", *t, note="value only, no tie handling"))
     t = measure(lambda: ms.subnet_threshold(s, RATIO, backend="torch"), device=device, repeats=repeats)
     rows.append(Row("masked_subnet", case, "torch backend", *t))
     oracle = _sort_threshold_mask(s, k)
     for b in fast_backends(device):
         t = measure(lambda b=b: ms.subnet_threshold(s, RATIO, backend=b), device=device, repeats=repeats)
         same = torch.equal(ms.subnet_keep_mask(s, ms.subnet_threshold(s, RATIO, backend=b)), oracle)
-        rows.append(Row("masked_subnet", case, b, *t, note=f"same mask as sort: {same}"))
-    extra = [Row(r.suite, r.case, r.provider, r.median_ms, r.p20_ms, r.p80_ms, note=r.note)
+        rows.append(Row("masked_subnet", case, b, *t, note=f"same mask as sort: {same}", ok=same))
+    extra = [Row(r.suite, r.case, r.provider, r.median_ms, r.p20_ms, r.p80_ms, note=r.note, ok=r.ok)
              for r in rows if r.provider not in ("torch.sort (paper)",)]
     with_ratios(rows, "torch.sort (paper)")
     with_ratios(extra, "torch.kthvalue")
