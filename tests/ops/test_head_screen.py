@@ -33,9 +33,9 @@ def _screened(h, w, b=None, pack=None):
     return torch.ops.tinymem.lm_head_argmax_screened(h, w, pack.packed, pack.wnorm, b)
 
 
-def _assert_same(h, w, b=None, pack=None):
+def _assert_same(h, w, b=None, pack=None, validate=True):
     want = _fp32(h, w, b)
-    got = lm_head_argmax(h, w, bias=b, pack=pack or pack_head(w), backend="cpp")
+    got = lm_head_argmax(h, w, bias=b, pack=pack or pack_head(w), backend="cpp", validate=validate)
     assert torch.equal(got, want), (got, want)
     return got
 
@@ -164,8 +164,11 @@ def test_non_finite_hidden_rows_match_fp32_kernel():
     h[2, 0] = float("inf")
     h[3] = float("-inf")
     h[4, 63] = 3e38  # finite, but its norm is beyond what the screen handles
+    with pytest.raises(ValueError, match="hidden contains NaN or inf"):  # the API's check, by default
+        lm_head_argmax(h, w, pack=pack_head(w))
+    # with the check skipped, the kernels still agree on every row (the screen falls back on these)
     _stats(reset=True)
-    _assert_same(h, w)
+    _assert_same(h, w, validate=False)
     st = _stats()
     assert st["fallback"] == 4 and st["rows"] == 2
 
@@ -175,7 +178,10 @@ def test_non_finite_weight_falls_back():
     w = torch.randn(50, 16, generator=g)
     w[10, 3] = float("nan")
     w[20, 0] = float("inf")
-    _assert_same(torch.randn(3, 16, generator=g), w)
+    h = torch.randn(3, 16, generator=g)
+    with pytest.raises(ValueError, match="weight contains NaN or inf"):
+        lm_head_argmax(h, w, pack=pack_head(w))
+    _assert_same(h, w, validate=False)
 
 
 # --- API: packs, fallbacks, errors -----------------------------------------------------------------
