@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     quiet.add_argument("--quiet", action="store_true", help="no progress bars")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", help="cpu, cuda, cuda:1 ... (checked before any work)")
+    protocol = argparse.ArgumentParser(add_help=False)  # unlearn and sweep: the run's protocol section
+    protocol.add_argument("--retain-size", type=retain_size_arg, default=None, metavar="N|all",
+                          help="clean retain rows (default: the run's protocol.retain_size: 2,000 for quick "
+                               "presets; every clean row for paper math, 100,000 chunks for paper language)")
+    protocol.add_argument("--utility-metric", choices=("acc", "acc_paper", "ppl_token", "ppl_batchmean"),
+                          help="utility in the selection score (default: the run's protocol.utility_metric; "
+                               "paper presets acc_paper / ppl_batchmean, quick presets acc / ppl_token)")
+    protocol.add_argument("--mem-metric", choices=("mem", "avg_perc_mem"),
+                          help="memorization in the score: pooled %% of eligible rows, or the mean over "
+                               "duplication groups (default: the run's protocol.mem_metric)")
     # commands in the order of a study: set up, train, remove memorization, compare, score any model
     info = sub.add_parser("info", help="versions, compiled extension, backend per op")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -60,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--retrain", action="store_true", help="train the model again even if one exists")
     dm.set_defaults(func=_command("demo", "cmd_demo"))
 
-    un = sub.add_parser("unlearn", parents=[quiet, device],
+    un = sub.add_parser("unlearn", parents=[quiet, device, protocol],
                         help="remove memorized sequences from a trained model")
     un.add_argument("--method", required=True,
                     help="a method, a comma-separated list, or `all`; e.g. balanced_subnet,greedy")
@@ -73,15 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "or for one method (--hp greedy:ratio=1e-4)")
     un.add_argument("--quick-defaults", action="store_true",
                     help="start from the CPU-sized quick settings instead of the paper's")
-    un.add_argument("--retain-size", type=retain_size_arg, default=None, metavar="N|all",
-                    help="clean retain rows (default: the run's protocol.retain_size: 2,000 for quick "
-                         "presets; every clean row for paper math, 100,000 chunks for paper language)")
-    un.add_argument("--utility-metric", choices=("acc", "acc_paper", "ppl_token", "ppl_batchmean"),
-                    help="utility in the selection score (default: the run's protocol.utility_metric; "
-                         "paper presets acc_paper / ppl_batchmean, quick presets acc / ppl_token)")
-    un.add_argument("--mem-metric", choices=("mem", "avg_perc_mem"),
-                    help="memorization in the score: pooled %% of eligible rows, or the mean over "
-                         "duplication groups (default: the run's protocol.mem_metric)")
     un.add_argument("--seed", type=int, default=0)
     un.add_argument("--out", default="tinymem_results")
     un.set_defaults(func=_command("unlearn", "cmd_unlearn"))
@@ -96,22 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", default="tinymem_results", help="result rows + the fine-tuning run folder")
     ft.set_defaults(func=_command("finetune", "cmd_finetune"))
 
-    sw = sub.add_parser("sweep", parents=[quiet, device],
+    sw = sub.add_parser("sweep", parents=[quiet, device, protocol],
                         help="methods x grid x seeds over trained runs (resumable, shardable)")
     sw.add_argument("models", nargs="+", help="`tinymem train` run folders or checkpoint folders of runs")
     sw.add_argument("--methods", default="all", help="comma-separated method names, or `all` (17)")
     sw.add_argument("--grid", default="quick", help="quick, paper, or a YAML/JSON file")
     sw.add_argument("--seeds", type=int, nargs="+", default=[0])
     sw.add_argument("--shard", help="i/n: run every n-th run starting at i (torchrun sets it from RANK)")
-    sw.add_argument("--retain-size", type=retain_size_arg, default=None, metavar="N|all",
-                    help="clean retain rows (default: the run's protocol.retain_size: 2,000 for quick "
-                         "presets; every clean row for paper math, 100,000 chunks for paper language)")
-    sw.add_argument("--utility-metric", choices=("acc", "acc_paper", "ppl_token", "ppl_batchmean"),
-                    help="utility in the selection score (default: the run's protocol.utility_metric; "
-                         "paper presets acc_paper / ppl_batchmean, quick presets acc / ppl_token)")
-    sw.add_argument("--mem-metric", choices=("mem", "avg_perc_mem"),
-                    help="memorization in the score: pooled %% of eligible rows, or the mean over "
-                         "duplication groups (default: the run's protocol.mem_metric)")
     sw.add_argument("--checkpoints", default="final", metavar="final|all|STEP,...",
                     help="which models of each run: final (default), all saved checkpoints, or steps "
                          "(e.g. 500,1500,final) -- the paper unlearns at four checkpoints of a run")

@@ -112,15 +112,6 @@ def run_config(run_dir: str, preset: str | None = None, sets: list[str] | None =
 def run_data(run_dir: str, cfg, what: str = "the settings given"):
     """The run's dataset rebuilt from ``cfg`` with the run's own tokenizer; refused in one line unless it
     is the data the run was trained on (same fingerprint)."""
-    from ..tinymem.data.dataset import build
+    from ..tinymem.data.dataset import build_for_run
 
-    recorded = run_info(run_dir).get("data_fingerprint")
-    tok_dir = os.path.join(run_dir, "tokenizer")
-    if cfg.data.kind == "language" and not cfg.data.tokenizer and os.path.isdir(tok_dir):
-        cfg.data.tokenizer = tok_dir
-    data = build(cfg.data, seed=cfg.seed)
-    if recorded and data.fingerprint() != recorded:
-        raise ValueError(f"the data built from {what} (fingerprint {data.fingerprint()}) is not the data "
-                         f"{run_dir} was trained on ({recorded}): drop the data overrides (--preset, --set "
-                         "data.*, seed) or pass the run they belong to")
-    return data
+    return build_for_run(run_dir, cfg.data, cfg.seed, run_info(run_dir).get("data_fingerprint"), what)

@@ -28,7 +28,7 @@ import torch
 
 from .. import __version__
 from ..tinymem.data import math as mathdata
-from ..tinymem.data.dataset import TinyMemData, build
+from ..tinymem.data.dataset import TinyMemData, build, build_for_run
 from ..tinymem.training import list_checkpoints, train
 from .registry import register
 
@@ -87,14 +87,7 @@ def load_run_data(run_dir: str):
     """(RunConfig, TinyMemData) of a `tinymem train` folder: the data rebuilt with the run's tokenizer and
     checked against the fingerprint recorded at training time."""
     run_cfg, fingerprint = load_run(run_dir)
-    tok_dir = os.path.join(run_dir, "tokenizer")
-    if run_cfg.data.kind == "language" and not run_cfg.data.tokenizer and os.path.isdir(tok_dir):
-        run_cfg.data.tokenizer = tok_dir
-    data = build(run_cfg.data, seed=run_cfg.seed)
-    if fingerprint and data.fingerprint() != fingerprint:
-        raise ValueError(f"the rebuilt dataset ({data.fingerprint()}) differs from the one {run_dir!r} was "
-                         f"trained on ({fingerprint})")
-    return run_cfg, data
+    return run_cfg, build_for_run(run_dir, run_cfg.data, run_cfg.seed, fingerprint, "its run.json")
 
 
 # --- data selection -----------------------------------------------------------------------------

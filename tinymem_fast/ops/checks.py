@@ -44,6 +44,20 @@ def _remember_finite(weight: Tensor) -> None:
                             weight.data_ptr())
 
 
+def check_bias(bias: Tensor | None, weight: Tensor, hidden: Tensor) -> None:
+    """An LM head's bias (None allowed): ``[V]``, in hidden's dtype, on its device."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    if bias.dtype != hidden.dtype:
+        raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; cast them to one dtype")
+    if bias.device != hidden.device:
+        raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
 def _first(bad: Tensor) -> list[int]:
     return [int(i) for i in bad.nonzero()[0]]
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import registry
-from .checks import check_values
+from .checks import check_bias, check_values
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -110,15 +110,7 @@ def _check(hidden, weight, targets, bias, ignore_index, reduction, label_smoothi
     for name, t in (("weight", weight), ("targets", targets)):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; cast them to one dtype")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    check_bias(bias, weight, hidden)
 
 
 # --- torch reference --------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from . import registry
-from .checks import check_values, tensor_version
+from .checks import check_bias, check_values, tensor_version
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_CHUNK = 8192  # vocab columns per tile in the torch reference
@@ -129,15 +129,7 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, hidden_dims
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if hidden.numel() == 0 or weight.numel() == 0:
         raise ValueError(f"empty input: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; cast them to one dtype")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    check_bias(bias, weight, hidden)
 
 
 def _check_targets(hidden: Tensor, targets: Tensor, mask: Tensor | None, vocab: int) -> Tensor | None:

@@ -138,6 +138,22 @@ class TinyMemData:
         return keep.nonzero().reshape(-1)
 
 
+def build_for_run(run_dir: str, config: DataConfig, seed: int, fingerprint: str | None,
+                  what: str = "the settings given") -> TinyMemData:
+    """A trained run's dataset rebuilt from ``config`` (language data without a tokenizer gets the run's
+    own, ``run_dir/tokenizer``); refused in one line unless its fingerprint is ``fingerprint``, the one
+    recorded at training time (None: not checked). ``what`` names where ``config`` came from."""
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    if config.kind == "language" and not config.tokenizer and os.path.isdir(tok_dir):
+        config.tokenizer = tok_dir
+    data = build(config, seed=seed)
+    if fingerprint and data.fingerprint() != fingerprint:
+        raise ValueError(f"the data built from {what} (fingerprint {data.fingerprint()}) is not the data "
+                         f"{run_dir} was trained on ({fingerprint}): drop the data overrides (--preset, "
+                         "--set data.*, seed) or pass the run they belong to")
+    return data
+
+
 def build(config: DataConfig, seed: int = 0, workdir: str | None = None) -> TinyMemData:
     config.validate()
     if config.kind == "math":
