@@ -11,11 +11,16 @@ On a CPU, also one greedy-decoding step of a Pythia-70M-shaped float32 head (V=5
 128 rows: ``F.linear + argmax`` against the cpp kernel in float32 and screened in bf16 (``pack_head``, built
 once per weight outside the timed region; its own time is in the note).
 
+On a GPU first: a Pythia-scale bf16 head (M=4096, d=4096, V=50304), match + NLL per token, against the bare
+cuBLAS GEMM of that shape (the floor), F.linear + argmax + cross_entropy and its torch.compile; every fast
+backend, the cuda one on both of its paths (cuBLAS blocks, SIMT tiles).
+
 ``python -m bench.kernels.memscore [--quick] [--head-only]`` prints the rows without saving them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 
 from bench.harness import Row, measure, with_ratios
 from tinymem_fast.ops import registry
-from tinymem_fast.ops.memscore import lm_head_argmax, memscore_examples, pack_head
+from tinymem_fast.ops.memscore import lm_head_argmax, memscore, memscore_examples, pack_head
 
 SUITE = "memscore"
 SEQ = 50
@@ -139,12 +144,89 @@ def bench_decode_head(device: str, repeats: int, n: int) -> list[Row]:
     return rows
 
 
+@contextlib.contextmanager
+def _cuda_head(path: str | None):
+    """The cuda backend's head path (TINYMEM_CUDA_HEAD) for the duration; None leaves it alone."""
+    old = os.environ.get("TINYMEM_CUDA_HEAD")
+    if path:
+        os.environ["TINYMEM_CUDA_HEAD"] = path
+    try:
+        yield
+    finally:
+        if path:
+            if old is None:
+                os.environ.pop("TINYMEM_CUDA_HEAD", None)
+            else:
+                os.environ["TINYMEM_CUDA_HEAD"] = old
+
+
+def _extra_mib(fn, device: str, repeats: int) -> tuple:
+    """measure(), with the peak reported as memory above what was allocated before (the inputs)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated() / 2**20
+    med, p20, p80, peak = measure(fn, device=device, repeats=repeats)
+    return med, p20, p80, peak - before
+
+
+def bench_big_head(device: str, repeats: int, m: int = 4096, d: int = 4096, vocab: int = 50304) -> list[Row]:
+    """A Pythia-scale head in bf16: per-token match + NLL for M rows, against the bare cuBLAS GEMM of the
+    same shape (the arithmetic floor), F.linear + argmax + cross_entropy, and torch.compile of that. Peaks
+    are memory above the inputs; the bf16 logits alone are M x V x 2 bytes."""
+    import time
+
+    g = torch.Generator(device=device).manual_seed(3)
+    dt = torch.bfloat16
+    h = torch.randn(m, d, generator=g, device=device).to(dt)
+    w = (torch.randn(vocab, d, generator=g, device=device) * d ** -0.5).to(dt)
+    y = torch.randint(0, vocab, (m,), generator=g, device=device)
+    y[: m // 2] = F.linear(h[: m // 2], w).argmax(-1)  # half the tokens are hits
+    case = f"head match+NLL, M={m}, d={d}, V={vocab}, bf16"
+    logits_mib = m * vocab * 2 / 2**20
+    gemm = "cuBLAS bf16 GEMM (no reduction)"
+
+    def plain(h, w, y):
+        logits = F.linear(h, w)
+        return logits.argmax(-1) == y, F.cross_entropy(logits.float(), y, reduction="none")
+
+    t0 = time.perf_counter()
+    compiled = torch.compile(plain)
+    compiled(h, w, y)
+    compile_s = time.perf_counter() - t0
+    ref_match, ref_nll = plain(h, w, y)
+    rows = [Row(SUITE, case, gemm, *_extra_mib(lambda: F.linear(h, w), device, repeats),
+                note=f"bf16 logits {logits_mib:.0f} MiB"),
+            Row(SUITE, case, "F.linear + argmax + cross_entropy", *_extra_mib(lambda: plain(h, w, y), device,
+                                                                            repeats)),
+            Row(SUITE, case, "torch.compile(same)", *_extra_mib(lambda: compiled(h, w, y), device, repeats),
+                note=f"compile {compile_s:.0f} s, outside the timing")]
+    providers = [(b, None) for b in fast_backends(device) if b != "cuda"]
+    if "cuda" in fast_backends(device):
+        providers += [("cuda", "gemm"), ("cuda", "simt")]
+    for b, head in providers:
+        def fn(b=b):
+            return memscore(h[None], w, y[None], backend=b)
+
+        with _cuda_head(head):
+            t = _extra_mib(fn, device, repeats)
+            got = fn()
+        miss = int((got.match[0] != ref_match).sum())
+        nll_err = float((got.nll[0] - ref_nll).abs().max())
+        name = b + (f" ({head})" if head else "")
+        # bf16 logits can tie: a handful of flipped matches is rounding, more is a bug
+        rows.append(Row(SUITE, case, name, *t, ok=miss <= m // 500 and nll_err < 0.1, note=(
+            f"{t[3] / logits_mib:.0%} of the bf16 logits' memory; matches differing from F.linear: "
+            f"{miss}/{m}; "
+            f"NLL max abs diff {nll_err:.1e}")))
+    with_ratios(rows, gemm, case)
+    return rows
+
+
 def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
     small = _small()
     gpu = device != "cpu"
     math_b = 128 if small else 1024
     lang_b = 16 if small else (1024 if gpu else 128)
-    rows = []
+    rows = bench_big_head(device, repeats) if gpu and not small else []
     dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
     for dtype in dtypes:
         rows += bench_examples(device, repeats, 14, math_b, dtype)

@@ -1,7 +1,16 @@
 // CUDA implementations of the memscore ops (schemas: csrc/registration.cpp; semantics:
 // tinymem_fast/ops/memscore.py). Tensor checks, allocation, the early-exit target bound, the vocabulary
-// split and the merge of its partial results live here; the kernel (memscore.cu) sees raw pointers only.
-// Nothing here synchronises with the host.
+// split and the merge of its partial results live here; the kernels (memscore.cu, head_reduce.cu) see raw
+// pointers only. Nothing here synchronises with the host.
+//
+// Two paths. The default ("gemm") computes the logits of (rows x vocabulary chunk) blocks with cuBLAS --
+// tensor cores, the very GEMM F.linear runs, so it follows torch.backends.cuda.matmul's TF32 and
+// reduced-precision settings as a stock lm_head does -- into one buffer of at most kBufferBytes, and
+// reduces each block with head_reduce.cu; a decoding step (a few rows) is one bandwidth-bound GEMV plus
+// two small kernels. It ignores early_exit: a block's GEMM cannot skip single rows, and skipping a whole
+// chunk needs every row of the batch pruned (rare once a few hundred tokens are scored); match is exact
+// either way. TINYMEM_CUDA_HEAD=simt selects the SIMT tiles of memscore.cu (float32 FMAs in index
+// order, early exit), kept for comparison and for GPUs where cuBLAS is unavailable.
 #ifdef TINYMEM_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -11,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -131,6 +142,102 @@ at::Tensor merged_argmax(const Partials& p, const at::Tensor& top, int64_t V) {
       .clamp_max(V - 1);
 }
 
+// --- the cuBLAS path ---------------------------------------------------------------------------
+
+// the logits buffer: 64 MiB is 16% of a 4,096 x 50,304 bf16 head's logits and keeps each GEMM large
+// enough (thousands of columns) to run near the tensor cores' peak
+constexpr int64_t kBufferBytes = int64_t{64} << 20;
+constexpr int64_t kMaxRowBlock = 8192;
+constexpr int64_t kMinSlice = 1024;
+
+bool use_simt() {
+  const char* v = std::getenv("TINYMEM_CUDA_HEAD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "gemm") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "simt") == 0, "TINYMEM_CUDA_HEAD must be 'gemm' or 'simt', got '", v, "'");
+  return true;
+}
+
+struct GemmPlan {
+  int64_t row_block, chunk, slice, n_slots;
+};
+
+// Rows per GEMM, vocabulary columns per GEMM (`chunk_size` when given), and the reduction's slice: small
+// enough that rows x slices fill the GPU when there are few rows, a divisor of the chunk so every slice
+// of every chunk is one slot.
+GemmPlan plan_gemm(const Head& h, int64_t chunk_size) {
+  GemmPlan p{};
+  p.row_block = std::min(h.M, kMaxRowBlock);
+  const int64_t elem = h.hidden.element_size();
+  int64_t chunk = chunk_size > 0 ? chunk_size : kBufferBytes / (p.row_block * elem);
+  chunk = std::min(std::max<int64_t>(chunk, 256), h.V);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t per_row = std::max<int64_t>(1, (4 * sms + p.row_block - 1) / p.row_block);
+  int64_t slice = (chunk + per_row - 1) / per_row;
+  slice = std::max(kMinSlice, (slice + 255) / 256 * 256);  // whole 16-byte vectors per thread
+  // the reduction grid's y dimension is the slices of one chunk
+  slice = std::max(slice, (chunk + 65534) / 65535);
+  if (slice >= chunk) {
+    slice = chunk;
+  } else if (chunk < h.V) {
+    chunk = chunk / slice * slice;  // a block boundary is a slice boundary
+  }  // else one block holds the whole vocabulary (decoding) and only its last slice is partial
+  p.chunk = chunk;
+  p.slice = slice;
+  p.n_slots = (h.V + slice - 1) / slice;  // slot s: columns [s * slice, (s + 1) * slice)
+  return p;
+}
+
+struct GemmOut {
+  at::Tensor arg, match, nll;
+};
+
+GemmOut gemm_head(const Head& h, const at::Tensor& targets, bool need_nll, int64_t chunk_size, const char* op) {
+  const GemmPlan pl = plan_gemm(h, chunk_size);
+  const auto f32 = h.hidden.options().dtype(at::kFloat);
+  const at::Tensor best = at::empty({pl.n_slots, h.M}, f32);
+  const at::Tensor arg = at::empty({pl.n_slots, h.M}, f32.dtype(at::kInt));
+  at::Tensor sum, tgt;
+  if (need_nll) {
+    sum = at::empty({pl.n_slots, h.M}, f32);
+    tgt = at::empty({pl.n_slots, h.M}, f32);
+  }
+  const at::Tensor buf = at::empty({pl.row_block * std::min(pl.chunk, h.V)}, h.hidden.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t* y = targets.defined() ? targets.data_ptr<int64_t>() : nullptr;
+  for (int64_t r0 = 0; r0 < h.M; r0 += pl.row_block) {
+    const int64_t rows = std::min(pl.row_block, h.M - r0);
+    const at::Tensor hrows = h.hidden.narrow(0, r0, rows);
+    for (int64_t c0 = 0; c0 < h.V; c0 += pl.chunk) {
+      const int64_t cols = std::min(pl.chunk, h.V - c0);
+      at::Tensor out = buf.narrow(0, 0, rows * cols).view({rows, cols});
+      const at::Tensor wt = h.weight.narrow(0, c0, cols).t();
+      if (h.bias.defined()) {
+        at::addmm_out(out, h.bias.narrow(0, c0, cols), hrows, wt);
+      } else {
+        at::mm_out(out, hrows, wt);
+      }
+      const int64_t o = (c0 / pl.slice) * h.M + r0;
+      const cudaError_t err = ms::head_reduce_launch(
+          out.data_ptr(), h.type, rows, cols, c0, pl.slice, y == nullptr ? nullptr : y + r0, need_nll, h.M,
+          best.data_ptr<float>() + o, arg.data_ptr<int32_t>() + o, need_nll ? sum.data_ptr<float>() + o : nullptr,
+          need_nll ? tgt.data_ptr<float>() + o : nullptr, stream);
+      TORCH_CHECK(err == cudaSuccess, "tinymem::", op, ": CUDA reduction launch failed: ",
+                  cudaGetErrorString(err));
+    }
+  }
+  GemmOut res;
+  res.arg = at::empty({h.M}, f32.dtype(at::kLong));
+  if (y != nullptr) res.match = at::empty({h.M}, f32.dtype(at::kBool));
+  if (need_nll) res.nll = at::empty({h.M}, f32);
+  const cudaError_t err = ms::head_merge_launch(
+      best.data_ptr<float>(), arg.data_ptr<int32_t>(), need_nll ? sum.data_ptr<float>() : nullptr,
+      need_nll ? tgt.data_ptr<float>() : nullptr, pl.n_slots, h.M, y, need_nll, res.arg.data_ptr<int64_t>(),
+      y == nullptr ? nullptr : res.match.data_ptr<bool>(), need_nll ? res.nll.data_ptr<float>() : nullptr,
+      stream);
+  TORCH_CHECK(err == cudaSuccess, "tinymem::", op, ": CUDA merge launch failed: ", cudaGetErrorString(err));
+  return res;
+}
+
 std::tuple<at::Tensor, at::Tensor> memscore(const at::Tensor& hidden, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                                             bool need_nll, bool early_exit, int64_t chunk_size) {
@@ -141,11 +248,16 @@ std::tuple<at::Tensor, at::Tensor> memscore(const at::Tensor& hidden, const at::
               op, ": targets must be int64 [", h.M, "], got ", targets.scalar_type(), " ", targets.sizes());
   TORCH_CHECK(!(early_exit && need_nll), "tinymem::", op, ": early_exit needs need_nll=false");
   TORCH_CHECK(chunk_size >= 0, "tinymem::", op, ": chunk_size must be >= 0, got ", chunk_size);
-  (void)chunk_size;  // the kernel's tiles are fixed (kTileN columns); a tiling hint for other backends
   c10::cuda::CUDAGuard guard(hidden.device());
   if (h.M == 0)
     return {at::zeros({0}, hidden.options().dtype(at::kBool)),
             at::zeros({0}, hidden.options().dtype(at::kFloat))};
+  if (!use_simt()) {
+    GemmOut g = gemm_head(h, targets, need_nll, chunk_size, op);
+    if (!need_nll) g.nll = at::zeros({h.M}, hidden.options().dtype(at::kFloat));
+    return {g.match, g.nll};
+  }
+  // the SIMT tiles are fixed (kTileN columns): chunk_size is a tiling hint for the other paths
   // targets are only compared with column indices in the kernel, never used to address memory, and
   // index_select (early-exit bound) checks its indices on the device: no host-side range check needed
   const at::Tensor thi = early_exit ? target_upper_bound(h, targets) : at::Tensor();
@@ -169,6 +281,7 @@ at::Tensor lm_head_argmax(const at::Tensor& hidden, const at::Tensor& weight,
   TORCH_CHECK(chunk_size >= 0, "tinymem::", op, ": chunk_size must be >= 0, got ", chunk_size);
   c10::cuda::CUDAGuard guard(hidden.device());
   if (h.M == 0) return at::zeros({0}, hidden.options().dtype(at::kLong));
+  if (!use_simt()) return gemm_head(h, at::Tensor(), false, chunk_size, op).arg;
   const Partials p = run(h, nullptr, at::Tensor(), false, false, op);
   return merged_argmax(p, std::get<0>(p.best.max(0)), h.V);
 }

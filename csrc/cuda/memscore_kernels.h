@@ -1,4 +1,5 @@
-// Launcher for the memscore CUDA kernel (csrc/cuda/memscore.cu).
+// Launchers of the memscore CUDA kernels (csrc/cuda/memscore.cu: SIMT tiles; csrc/cuda/head_reduce.cu:
+// the reductions of the cuBLAS path).
 //
 // Plain C++: raw device pointers, int64 sizes and a dtype code, so the torch-facing code
 // (memscore_cuda.cpp) and the kernel (compiled by nvcc without any torch header) share only this.
@@ -39,6 +40,29 @@ cudaError_t memscore_launch(const void* hidden, const void* weight, const void* 
                             int64_t v_per_split, int64_t n_split, bool need_nll, bool early_exit,
                             float* best, int32_t* arg, float* sum, float* tgt, int8_t* dead,
                             cudaStream_t stream);
+
+
+// --- the tensor-core path: cuBLAS computes the logits of (rows x chunk) blocks, these reduce them ---
+//
+// Slots: the vocabulary is cut into slices of `slice_cols` columns (slot s holds columns
+// [s * slice_cols, (s + 1) * slice_cols)); every (slot, row) gets one partial record in arrays laid out
+// [n_slots, M]: best / arg / sum / tgt exactly as memscore_launch's slices above.
+
+// logits: rows x cols of `type`, row-major with leading dimension `cols`, holding vocabulary columns
+// [col0, col0 + cols) of rows [r0, r0 + rows); col0 and (unless it is the last block) cols are multiples
+// of slice_cols. targets (or nullptr): the rows' targets, already offset to r0. best/arg/sum/tgt point at
+// slot col0 / slice_cols, row r0 (sum and tgt only when need_nll); `stride` is M, the distance between
+// slots. grid: rows x ceil(cols / slice_cols) blocks.
+cudaError_t head_reduce_launch(const void* logits, ElemType type, int64_t rows, int64_t cols, int64_t col0,
+                               int64_t slice_cols, const int64_t* targets, bool need_nll, int64_t stride,
+                               float* best, int32_t* arg, float* sum, float* tgt, cudaStream_t stream);
+
+// Merges the n_slots partial records of each of M rows: arg_out [M] int64 (lowest index among equal
+// maxima); with targets, match_out [M] (arg == target) and, with need_nll, nll_out [M] float32
+// (logsumexp - target logit). Any output may be nullptr.
+cudaError_t head_merge_launch(const float* best, const int32_t* arg, const float* sum, const float* tgt,
+                              int64_t n_slots, int64_t M, const int64_t* targets, bool need_nll,
+                              int64_t* arg_out, bool* match_out, float* nll_out, cudaStream_t stream);
 
 }  // namespace memscore
 }  // namespace gpu

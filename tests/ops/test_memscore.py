@@ -464,6 +464,67 @@ def test_cuda_op_rejects_bad_input():
         ops.lm_head_argmax(h, w, torch.randn(9, device="cuda"), 0)
 
 
+# (M, d, V, chunk_size): one row and a few (decoding: the vocabulary cut into many slices), a V that is
+# no whole number of 16-byte vectors (the scalar tail), several vocabulary chunks with a partial last one,
+# and more rows than one GEMM takes (two row blocks)
+CUDA_HEAD_SHAPES = [(1, 64, 50257, 0), (3, 128, 50304, 0), (37, 40, 1001, 300), (130, 64, 777, 256),
+                    (8200, 64, 700, 0)]
+
+
+@pytest.mark.cuda
+@needs_cuda_backend
+@pytest.mark.parametrize("head", ["gemm", "simt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("shape", CUDA_HEAD_SHAPES, ids=case_id)
+def test_cuda_head_paths_match_reference(shape, dtype, head, monkeypatch):
+    """Both CUDA paths (cuBLAS blocks + reductions, the default; SIMT tiles) against the torch reference,
+    through the raw op so the chunk size reaches the cuBLAS path."""
+    monkeypatch.setenv("TINYMEM_CUDA_HEAD", head)
+    m, d, v, chunk = shape
+    for bias in (True, False):
+        h, w, b, y = random_problem(m, d, v, dtype, bias=bias, seed=m + v, device="cuda")
+        lg = naive_logits(h, w, b)
+        ref_arg, ref_nll = scores_torch(h, w, b, y, True, 0)
+        match, nll = torch.ops.tinymem.memscore(h, w, b, y, True, False, chunk)
+        assert match.dtype == torch.bool and nll.dtype == torch.float32 and match.shape == (m,)
+        assert_match_close(match, ref_arg == y, lg, y, dtype)
+        assert_nll_close(nll, ref_nll, dtype)
+        only_match, zeros = torch.ops.tinymem.memscore(h, w, b, y, False, False, chunk)
+        assert torch.equal(only_match, match) and not zeros.any()
+        pruned, _ = torch.ops.tinymem.memscore(h, w, b, y, False, True, chunk)
+        assert torch.equal(pruned, match)
+        arg = torch.ops.tinymem.lm_head_argmax(h, w, b, chunk)
+        assert arg.dtype == torch.int64
+        assert_argmax_close(arg, ref_arg, lg, dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda_backend
+@pytest.mark.parametrize("head", ["gemm", "simt"])
+@pytest.mark.parametrize("v,chunk", [(13, 0), (1000, 256), (5000, 1024), (50257, 0)])
+def test_cuda_head_paths_forced_ties_exact(v, chunk, head, monkeypatch):
+    """Exact logits (a coarse grid) with the best row duplicated within and across chunks and slices:
+    the lowest index wins in both paths, bit for bit, whatever the block and slice boundaries."""
+    monkeypatch.setenv("TINYMEM_CUDA_HEAD", head)
+    for dtype in DTYPES:
+        h, w, b, y = quantised_problem(64, 16, v, dtype, bias=True, seed=v, chunk=max(chunk, 64),
+                                       device="cuda")
+        arg, match, nll = naive_scores(h, w, b, y)
+        got, got_nll = torch.ops.tinymem.memscore(h, w, b, y, True, False, chunk)
+        assert torch.equal(got, match)
+        torch.testing.assert_close(got_nll, nll, atol=1e-5, rtol=1e-5)
+        assert torch.equal(torch.ops.tinymem.lm_head_argmax(h, w, b, chunk), arg)
+
+
+@pytest.mark.cuda
+@needs_cuda_backend
+def test_cuda_head_rejects_unknown_path(monkeypatch):
+    monkeypatch.setenv("TINYMEM_CUDA_HEAD", "wmma")
+    h, w = torch.randn(4, 8, device="cuda"), torch.randn(10, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="TINYMEM_CUDA_HEAD must be"):
+        torch.ops.tinymem.lm_head_argmax(h, w, None, 0)
+
+
 def test_compiled_ops_have_fake_implementations():
     """Shape-only kernels let torch.compile / FakeTensor trace through the compiled ops."""
     backend_or_skip("cpp")

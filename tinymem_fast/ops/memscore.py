@@ -14,7 +14,11 @@ extra memory is O(token_chunk * chunk_size).
 
 Accumulation order differs between backends (MKL, a hand-written CPU kernel, tensor cores), so logits
 may differ in the last float32 bit; ``match`` can then differ only where the top two logits are within
-that rounding of each other.
+that rounding of each other. The cuda backend computes the logits with cuBLAS, block by block (at most
+64 MiB of logits at a time), the very GEMM ``F.linear`` runs on that GPU -- so it follows
+``torch.backends.cuda.matmul`` (TF32, reduced-precision reductions) like a stock ``lm_head`` -- and
+reduces each block with its own kernels (csrc/cuda/head_reduce.cu); ``TINYMEM_CUDA_HEAD=simt`` selects
+its older float32 SIMT tiles instead.
 
 ``mask`` marks the positions to score; unscored positions get ``match=False`` and ``nll=0`` and their
 targets are not looked at (so padding may hold e.g. ``-100``). Non-finite hidden states or weights raise
@@ -28,7 +32,8 @@ product with the very FMA chain its tiles use, so the comparison is exact; the G
 tiled accumulation order is the hardware's, compare against an upper bound that covers any float32
 accumulation-order difference. Either way pruning never changes a result: ``exact``, ``first_mismatch``
 and ``matched`` (still the full count of matched tokens -- a pruned token is a miss) equal the unpruned
-computation exactly. The torch backend ignores ``early_exit``.
+computation exactly. The torch backend and the cuda backend's cuBLAS path ignore ``early_exit`` (a GEMM
+block cannot drop single rows; skipping a whole block would need every row of the batch pruned).
 
 The compiled ops are ``torch.ops.tinymem.memscore`` / ``torch.ops.tinymem.lm_head_argmax`` (flat rows;
 fake implementations are registered so they trace under ``torch.compile``).
