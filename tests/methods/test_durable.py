@@ -11,7 +11,8 @@ import torch
 from tinymem_fast.integrations.adapters import mlp_parameters
 from tinymem_fast.methods import UnlearnInputs, get_method
 from tinymem_fast.methods.registry import make_config
-from tinymem_fast.methods.weight.durable import top_k_mask
+from tinymem_fast.methods.weight.durable import _zero_, forget_gradient, top_k_mask
+from tinymem_fast.methods.weight.topk import top_k_masks
 from tinymem_fast.ops.masked_subnet import num_dropped
 from tinymem_fast.tinymem.memorization import score_windows
 from tinymem_fast.tinymem.training import token_loss
@@ -63,6 +64,124 @@ def test_top_k_mask_ties_by_index():
     assert top_k_mask(key, 6).all()
     with pytest.raises(ValueError, match="NaN"):
         top_k_mask(torch.tensor([1.0, float("nan")]), 1)
+
+
+def _concat_reference(keys, k):
+    """The masks of top_k_mask on the concatenation, split back (what top_k_masks must equal)."""
+    mask = top_k_mask(torch.cat([key.reshape(-1) for key in keys]), k)
+    return [m.view(key.shape) for m, key in zip(mask.split([key.numel() for key in keys]), keys, strict=True)]
+
+
+def _boundary_ks(keys):
+    """0, 1, total, and every k at, just below and just above a boundary between tied groups."""
+    flat = torch.cat([key.reshape(-1).double() for key in keys])
+    total = flat.numel()
+    ks = {0, 1, total - 1, total}
+    for v in flat.unique():
+        for edge in (int((flat > v).sum()), int((flat >= v).sum())):
+            ks |= {edge - 1, edge, edge + 1}
+    return sorted(x for x in ks if 0 <= x <= total)
+
+
+SHAPES = [(0,), (), (3, 5), (1,), (2, 0, 4), (17,), (4, 4, 4), (6, 1)]
+
+
+def _check_masks(keys, ks=None):
+    for k in ks if ks is not None else _boundary_ks(keys):
+        want = _concat_reference(keys, k)
+        got = top_k_masks(keys, k)
+        assert len(got) == len(keys)
+        for w, g, key in zip(want, got, keys, strict=True):
+            assert g.dtype == torch.bool and g.shape == key.shape and g.device == key.device
+            assert torch.equal(g, w), (k, [key.dtype for key in keys])
+        assert sum(int(g.sum()) for g in got) == k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, "mixed"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_k_masks_equals_concat_reference_with_ties(dtype, seed):
+    """Values from a few integers (many ties across and within tensors, zeros and -0.0 among them), in
+    shapes with empty and 0-d tensors, at every tie boundary."""
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    keys = []
+    for j, shape in enumerate(SHAPES):
+        x = torch.randint(0, 4, shape, generator=g).float() * 0.75
+        x[torch.rand(shape, generator=g) < 0.2] = -0.0
+        keys.append(x.to(dtypes[j % 3] if dtype == "mixed" else dtype))
+    _check_masks(keys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_masks_neighbouring_values(dtype):
+    """Values one ulp apart (they differ only in the last radix digit), subnormals, inf, and repeats."""
+    one = torch.tensor(1.0, dtype=dtype)
+    up = [one]
+    for _ in range(4):
+        up.append(torch.nextafter(up[-1], torch.tensor(2.0, dtype=dtype)))
+    tiny = torch.nextafter(torch.tensor(0.0, dtype=dtype), one)
+    more = [tiny, 2 * tiny] + [torch.tensor(v, dtype=dtype) for v in (0.0, -0.0, float("inf"), 3.0e38)]
+    pool = torch.stack(up + more)
+    g = torch.Generator().manual_seed(2)
+    keys = [pool[torch.randint(0, len(pool), shape, generator=g)] for shape in SHAPES]
+    _check_masks(keys)
+
+
+def test_top_k_masks_continuous_values():
+    """Distinct values (each tie group a single entry): the path that takes every tie in one mask pass."""
+    g = torch.Generator().manual_seed(3)
+    keys = [torch.rand(shape, generator=g) for shape in [(64, 33), (0, 5), (7,), (), (128,)]]
+    total = sum(key.numel() for key in keys)
+    _check_masks(keys, [0, 1, 2, 37, total // 2, total - 1, total])
+
+
+def test_top_k_masks_deterministic_mode_counts_by_bincount():
+    g = torch.Generator().manual_seed(4)
+    keys = [torch.randint(0, 3, shape, generator=g).float() for shape in SHAPES]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check_masks(keys)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_top_k_masks_errors():
+    keys = [torch.ones(3), torch.zeros(0), torch.tensor(2.0)]
+    assert [m.tolist() for m in top_k_masks(keys, 0)] == [[False] * 3, [], False]
+    assert [m.tolist() for m in top_k_masks(keys, 4)] == [[True] * 3, [], True]
+    assert top_k_masks([], 0) == []
+    for k in (-1, 5):
+        with pytest.raises(ValueError, match=r"k must be in \[0, 4\]"):
+            top_k_masks(keys, k)
+    for k in (0, 2, 4):   # like top_k_mask: NaN raises whatever k is
+        with pytest.raises(ValueError, match="NaN"):
+            top_k_masks([torch.ones(3), torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)], k)
+        with pytest.raises(ValueError, match="non-negative"):
+            top_k_masks([torch.ones(3), torch.tensor([1.0, -1e-3])], k)
+    with pytest.raises(ValueError, match="floating point"):
+        top_k_masks([torch.ones(3, dtype=torch.int64)], 1)
+    key = torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0, 2.0])
+    before = key.clone()
+    assert top_k_masks([key[:3], key[3:]], 2)[0].tolist() == [False, True, True]
+    assert torch.equal(key, before)     # keys are read, never written
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_durable_aggregate_unchanged_from_concat_selection(planted, arch):
+    """The method's result equals the previous implementation: |grad| concatenated, top_k_mask, split."""
+    base, clean, _, secret = planted[arch]
+    for ratio in (0.01, 0.3):
+        model, info = _run("durable_aggregate", base, clean, secret, ratio=ratio, batch_size=4)
+        old = copy.deepcopy(base)
+        params, grads, _ = forget_gradient(old, _inputs(clean, secret), 4, False)
+        flat = torch.cat([g.abs().reshape(-1) for g in grads])
+        mask = top_k_mask(flat, num_dropped(flat.numel(), ratio))
+        zeroed = _zero_(params, [m.view(g.shape) for m, g in
+                                 zip(mask.split([g.numel() for g in grads]), grads, strict=True)])
+        assert info["zeroed"] == zeroed
+        for (n, p), (_, p0) in zip(model.named_parameters(), old.named_parameters(), strict=True):
+            assert torch.equal(p, p0), n
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,7 +11,8 @@ of every batch, summed over batches; model in eval mode). Then:
 Selection is by k-th value, never a full sort, and exactly ``k`` entries are chosen: every entry with
 ``|g|`` above the k-th largest value, then entries equal to it in order of flat index (for the
 aggregate, position in the concatenation of the tensors in ``mlp_parameters`` order) until ``k`` are
-taken.
+taken. The aggregate finds the global k-th value by radix select over the tensors one at a time
+(``topk.top_k_masks``), so its temporaries scale with the largest MLP tensor, not with all of them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ...integrations.adapters import mlp_parameters
 from ...ops.masked_subnet import check_ratio, num_dropped
 from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
+from .topk import top_k_masks
 
 
 @dataclass
@@ -132,12 +134,10 @@ def run_durable_aggregate(model, inputs: UnlearnInputs, cfg: DurableConfig) -> d
     check_ratio(cfg.ratio)
     t0 = time.perf_counter()
     params, grads, passes = forget_gradient(model, inputs, cfg.batch_size, cfg.loss_on_pad, cfg.progress)
-    # One concatenated |grad| vector (a full float32 copy of the MLP gradient). At Pythia scale a
-    # streaming histogram over the tensors would find the global k-th value without this copy.
-    flat = torch.cat([g.abs().reshape(-1) for g in grads])
-    k = num_dropped(flat.numel(), cfg.ratio)
-    mask = top_k_mask(flat, k)
-    del flat
-    masks = [m.view(g.shape) for m, g in zip(mask.split([g.numel() for g in grads]), grads, strict=True)]
+    for g in grads:       # our own float32 accumulators: |grad| in place, no copy
+        g.abs_()
+    k = num_dropped(sum(g.numel() for g in grads), cfg.ratio)
+    masks = top_k_masks(grads, k)     # radix select over the tensors in turn, never a concatenation
+    del grads
     zeroed = _zero_(params, masks)
     return _finish(model, {"time_edit_s": time.perf_counter() - t0, "zeroed": zeroed, "grad_passes": passes})
