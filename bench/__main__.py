@@ -20,6 +20,7 @@ SUITES = {
     "topk": "bench.kernels.topk",
     "training": "bench.pipelines.training",
     "scoring": "bench.pipelines.scoring",
+    "scoring_scale": "bench.pipelines.scoring_scale",
     "regularizers": "bench.pipelines.regularizers",
     "unlearning": "bench.pipelines.unlearning",
     "streaming": "bench.pipelines.streaming",
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     # the suites' knobs (each also readable from the environment variable in brackets, for pytest-benchmark)
     k = p.add_argument_group("suite settings")
     k.add_argument("--smoke", action="store_true",
-                   help="scoring, unlearning, streaming: small sizes, to check that the suites run "
+                   help="scoring, scoring_scale, unlearning, streaming: small sizes, to check that the "
+                        "suites run "
                         "[BENCH_SMOKE=1]")
     k.add_argument("--small", action="store_true",
                    help="memscore, masked_subnet (pytest): small shapes [BENCH_SMALL=1]")
