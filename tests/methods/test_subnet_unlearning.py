@@ -72,3 +72,82 @@ def test_bad_input():
         get_method("forgetful")
     with pytest.raises(TypeError, match="no MLP adapter for Linear"):
         mlp_layers(torch.nn.Linear(2, 2))
+
+
+def test_one_joint_forward_equals_separate_passes(planted):
+    """RowGroups + group_losses: forget and retain rows in one padded-trimmed batch give the same per-row
+    losses as a pass over each set alone at full width."""
+    from tinymem_fast.methods.steps import RowGroups, group_losses
+    from tinymem_fast.tinymem.training import token_loss
+
+    base, clean, _, secret = planted["gpt2"]
+    pad_c = torch.zeros_like(clean, dtype=torch.bool)
+    pad_c[::2, -3:] = True  # some right padding: the batch is cut to its longest content row
+    pad_s = torch.zeros_like(secret, dtype=torch.bool)
+    rows = RowGroups([(secret, pad_s), (clean, pad_c)], loss_on_pad=False)
+    pf, pr = torch.tensor([1, 0, 1]), torch.tensor([2, 4, 6])
+    ids, pad, sizes = rows.batch([pf, pr])
+    assert sizes == [3, 3] and ids.shape == (6, T)
+    lf, lr_ = group_losses(base, ids, pad, sizes, False)
+    ref_f, _ = token_loss(base, secret[pf], pad_s[pf], False)
+    ref_r, _ = token_loss(base, clean[pr], pad_c[pr], False)
+    torch.testing.assert_close(lf, ref_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lr_, ref_r, atol=1e-5, rtol=1e-5)
+    # only padded rows: the batch is cut to their content
+    ids, pad, _ = RowGroups([(clean, pad_c)], loss_on_pad=False).batch([torch.tensor([0, 2])])
+    assert ids.shape[1] == T - 3 and not pad.any()
+
+
+def test_loss_watch_names_the_steps():
+    from tinymem_fast.methods.steps import LossWatch
+
+    w = LossWatch(torch.device("meta"), every=4)  # a device where reads are deferred
+    for step in range(3):
+        w.add(step, torch.tensor(1.0), forget_loss=torch.tensor(2.0))
+    w.add(3, torch.tensor(1.0))
+    w.add(4, torch.tensor(float("nan")))
+    w.add(5, torch.tensor(1.0))
+    w.add(6, torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match="between steps 4 and 7"):
+        w.add(7, torch.tensor(1.0))
+    on_cpu = LossWatch(torch.device("cpu"), every=50)  # every step on the CPU: reads cost nothing
+    on_cpu.add(0, torch.tensor(1.0), forget_loss=torch.tensor(2.0))
+    assert on_cpu.floats() == {"forget_loss": 2.0}
+    with pytest.raises(FloatingPointError, match=r"non-finite \(inf\) at step 1"):
+        on_cpu.add(1, torch.tensor(float("inf")))
+
+
+def test_failed_edit_leaves_the_model_unchanged(planted):
+    """A loss that turns non-finite raises, and the model gets its own modules and weights back."""
+    base = planted["gpt2"][0]
+    model = copy.deepcopy(base)
+    m = get_method("subnet")
+    secret = planted["gpt2"][3]
+    zpad = torch.zeros_like(secret, dtype=torch.bool)
+    modules_before = [type(mod) for mod in model.modules()]
+    with torch.no_grad():  # a weight of inf makes the forget loss non-finite at the first step
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        m.run(model, UnlearnInputs(secret, zpad, secret, zpad), make_config(m, dict(ratio=0.1, epochs=2)))
+    assert [type(mod) for mod in model.modules()] == modules_before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["balanced_subnet", "subnet"])
+def test_bf16_edit_removes_planted_sequences(planted, method):
+    """precision=bf16: bf16 GEMMs under autocast, float32 scores; the planted rows are still forgotten."""
+    base, clean, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    m = get_method(method)
+    hp = dict(ratio=0.05, lr=1.0, batch_size=16, loss_weight=0.9, epochs=4, forget_batch_size=6,
+              retain_batch_size=16, precision="bf16") if method == "balanced_subnet" \
+        else dict(ratio=0.1, lr=1.0, batch_size=16, epochs=20, precision="bf16")
+    zpad = torch.zeros_like(secret, dtype=torch.bool)
+    m.run(model, UnlearnInputs(secret, zpad, clean, torch.zeros_like(clean, dtype=torch.bool)),
+          make_config(m, hp))
+    e = unlearning_effect(base, model, secret, f"{method} bf16")
+    assert e.extracted_after <= MAX_LEFT.get(method, 6), e
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -151,6 +151,13 @@ class SubnetWrapping:
         self.wrapped = []
         return self.model
 
+    def restore(self):
+        """Put the original modules back unchanged (an edit that failed leaves the model as it was)."""
+        for parent, name, masked in self.wrapped:
+            setattr(parent, name, masked.base)
+        self.wrapped = []
+        return self.model
+
 
 # Config keys of LM heads that transform the logits after ``h W^T + b`` (key -> what it does). A fused
 # loss on the plain matmul would silently train a different model there.

@@ -245,38 +245,55 @@ registry.register_fakes({"subnet_threshold": _threshold_fake, "subnet_masked_wei
 # --- autograd ---------------------------------------------------------------------------------
 
 
+# W*M is kept for backward up to this many entries (16 MiB in float32): on small layers rebuilding it is a
+# pass over memory as costly as the layer's GEMMs; on large ones keeping it would double weight memory
+KEEP_MASKED_WEIGHT_MAX = 1 << 22
+
+
 class _MaskedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, value, cut, bias, layout, backend):
         thr = SubnetThreshold(value, cut, -1)
         w_eff = masked_weight(weight, scores, thr, backend=backend)
-        y = x @ (w_eff.t() if layout == "linear" else w_eff)
-        if bias is not None:
-            y = y + bias
-        # W_eff is rebuilt in backward instead of kept: on large models it would double weight memory
-        ctx.save_for_backward(x, weight, scores, value, cut)
+        # the bias rides in the GEMM (addmm), not a second pass over the output; under autocast both
+        # calls cast as a stock nn.Linear / Conv1D would
+        if layout == "linear":
+            y = torch.nn.functional.linear(x, w_eff, bias)
+        elif bias is not None:
+            y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w_eff).view(*x.shape[:-1], w_eff.shape[1])
+        else:
+            y = x @ w_eff
+        keep = w_eff.numel() <= KEEP_MASKED_WEIGHT_MAX
+        ctx.save_for_backward(x, weight, scores, value, cut, w_eff if keep else None)
         ctx.layout, ctx.backend, ctx.has_bias = layout, backend, bias is not None
+        dev = x.device.type
+        # backward runs outside autocast: it computes in the forward GEMM's dtype itself
+        ctx.compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else y.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, scores, value, cut = ctx.saved_tensors
-        layout, backend = ctx.layout, ctx.backend
+        x, weight, scores, value, cut, w_eff = ctx.saved_tensors
+        layout, backend, cdt = ctx.layout, ctx.backend, ctx.compute_dtype
         thr = SubnetThreshold(value, cut, -1)
         need_x, need_w, need_s = ctx.needs_input_grad[:3]
         dx = dw = ds = db = None
+        dyc = dy.to(cdt)
         if need_x:
-            w_eff = masked_weight(weight, scores, thr, backend=backend)
-            dx = dy @ (w_eff if layout == "linear" else w_eff.t())
+            if w_eff is None:
+                w_eff = masked_weight(weight, scores, thr, backend=backend)
+            w_c = w_eff.to(cdt)
+            dx = (dyc @ (w_c if layout == "linear" else w_c.t())).to(x.dtype)
         if need_w or need_s:
-            dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+            dy2, x2 = dyc.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]).to(cdt)
             g = dy2.t() @ x2 if layout == "linear" else x2.t() @ dy2
+            g = g.to(weight.dtype)  # dL/dW_eff in the weight's precision (float32 under bf16 autocast)
             if need_s:
                 ds = ste_score_grad(g, weight, scores, backend=backend)
             if need_w:
                 dw = masked_weight(g, scores, thr, backend=backend)
         if ctx.has_bias and ctx.needs_input_grad[5]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+            db = dy.reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
         return dx, dw, ds, None, None, db, None, None
 
 

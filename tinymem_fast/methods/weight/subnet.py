@@ -3,7 +3,8 @@
 Subnet ascends the forget loss. BalancedSubnet minimises ``-(1 - a) * L_forget + a * L_retain`` with
 forget and retain rows drawn separately in every step, so no batch can miss either set (the reference
 shuffles both into one loader; on TinyMem most of its batches then hold no forget row and average an
-empty set into NaN).
+empty set into NaN). Both sets' rows share one forward pass per step (methods/steps.py), so a step costs
+about one training step of the same batch.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ...integrations.adapters import SubnetWrapping
+from ...integrations.mixed_precision import check_precision
 from ...ops.masked_subnet import SubnetSGD, check_ratio
-from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
 from ..sampling import Cycler
+from ..steps import LossWatch, RowGroups, group_losses
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class SubnetConfig:
     loss_on_pad: bool = False
     seed: int = 0
     backend: str | None = None
+    precision: str = "fp32"      # fp32 | bf16 (bf16 GEMMs, float32 scores and optimizer)
     progress: bool = False
 
 
@@ -48,66 +51,71 @@ class BalancedSubnetConfig(SubnetConfig):
     retain_batch_size: int | None = None   # default batch_size // 2
 
 
-def _mean_loss(model, ids, pad, loss_on_pad):
-    seq, _ = token_loss(model, ids, pad, loss_on_pad)
-    return seq.mean()
-
-
 def _run(model, inputs: UnlearnInputs, cfg: SubnetConfig, balanced: bool) -> dict:
     check_ratio(cfg.ratio)
+    check_precision(cfg.precision)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # no dropout in the edited model; gradients still flow to the scores
-    wrap = SubnetWrapping(model, cfg.ratio, score_init=cfg.score_init, seed=cfg.seed, backend=cfg.backend)
-    opt = SubnetSGD(wrap.scores(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    backend=cfg.backend)
     nf = inputs.forget_ids.shape[0]
+    sets = [(inputs.forget_ids, inputs.forget_pad)]
     if balanced:
         nr = inputs.retain_ids.shape[0]
         if nr == 0:
             raise ValueError("BalancedSubnet needs a non-empty retain set")
+        alpha = cfg.loss_weight
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"loss_weight must be in [0, 1], got {alpha}")
         fb = cfg.forget_batch_size or max(1, cfg.batch_size // 2)
         rb = cfg.retain_batch_size or max(1, cfg.batch_size // 2)
         per_epoch = math.ceil((nf + nr) / cfg.batch_size)
         fcyc = Cycler(nf, torch.Generator().manual_seed(cfg.seed))
         rcyc = Cycler(nr, torch.Generator().manual_seed(cfg.seed + 1))
-        alpha = cfg.loss_weight
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"loss_weight must be in [0, 1], got {alpha}")
+        sets.append((inputs.retain_ids, inputs.retain_pad))
     else:
         per_epoch = math.ceil(nf / cfg.batch_size)
     steps = per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
+    rows = RowGroups(sets, cfg.loss_on_pad)
+    was_training = model.training
+    model.eval()  # no dropout in the edited model; gradients still flow to the scores
+    wrap = SubnetWrapping(model, cfg.ratio, score_init=cfg.score_init, seed=cfg.seed, backend=cfg.backend)
+    opt = SubnetSGD(wrap.scores(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    backend=cfg.backend)
+    watch = LossWatch(device)
     t0 = time.perf_counter()
-    last = {}
-    desc = "balanced_subnet" if balanced else "subnet"
-    for step in tqdm(range(steps), desc=desc, disable=not cfg.progress):
-        if balanced:
-            fi, ri = fcyc.take(fb), rcyc.take(rb)
-            lf = _mean_loss(model, inputs.forget_ids[fi].to(device), inputs.forget_pad[fi].to(device),
-                            cfg.loss_on_pad)
-            lr_ = _mean_loss(model, inputs.retain_ids[ri].to(device), inputs.retain_pad[ri].to(device),
-                             cfg.loss_on_pad)
-            loss = -(1.0 - alpha) * lf + alpha * lr_
-            last = {"forget_loss": lf.item(), "retain_loss": lr_.item()}
-        else:
-            b = step % per_epoch
-            sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-            lf = _mean_loss(model, inputs.forget_ids[sl].to(device), inputs.forget_pad[sl].to(device),
-                            cfg.loss_on_pad)
-            loss = -lf
-            last = {"forget_loss": lf.item()}
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    try:
+        for step in tqdm(range(steps), desc="balanced_subnet" if balanced else "subnet",
+                         disable=not cfg.progress):
+            if balanced:
+                # forget and retain rows in one forward pass, their losses split afterwards
+                ids, pad, sizes = rows.batch([fcyc.take(fb), rcyc.take(rb)])
+                lf, lr_ = (part.mean() for part in
+                           group_losses(model, ids, pad, sizes, cfg.loss_on_pad, cfg.precision))
+                loss = -(1.0 - alpha) * lf + alpha * lr_
+                logged = {"forget_loss": lf, "retain_loss": lr_}
+            else:
+                b = step % per_epoch
+                pick = torch.arange(b * cfg.batch_size, min(nf, (b + 1) * cfg.batch_size))
+                ids, pad, sizes = rows.batch([pick])
+                lf = group_losses(model, ids, pad, sizes, cfg.loss_on_pad, cfg.precision)[0].mean()
+                loss = -lf
+                logged = {"forget_loss": lf}
+            watch.add(step, loss, **logged)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        watch.check(steps - 1)
+    except BaseException:
+        wrap.restore()  # scores are lost, the weights were never touched
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        raise
     wrap.fold()
     model.train(was_training)
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"steps": steps, "time_edit_s": time.perf_counter() - t0, **last}
+    return {"steps": steps, "time_edit_s": time.perf_counter() - t0, **watch.floats()}
 
 
 @register("subnet", SubnetConfig, "weight", aliases=("random",))
