@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU check for one device call (aim: <= 7 minutes on a fresh H100/H200 image, build included).
 # It proves or fails: the CUDA kernels must build and load, every CUDA/Triton test must run on the GPU (a
-# skipped one fails the check, as a missing CUDA build used to pass it by skipping everything), and every
-# benchmark correctness check must hold (`python -m bench` exits 1 on a row whose check failed).
+# skipped one fails the check, as a missing CUDA build used to pass it by skipping everything) -- the GPU
+# cases of tests/ops and all of tests/gpu (decoding against generate, tensors past 2^31 elements, side
+# streams, edge cases, opcheck) -- and every benchmark correctness check must hold (`python -m bench`
+# exits 1 on a row whose check failed). Timeouts: 185 + 140 + 90 s.
 # Usage: bash bench/gpu_check.sh OUTDIR
 # Writes OUTDIR/gpu_check.log, OUTDIR/gpu_tests.xml (junit), OUTDIR/results.json (this GPU's figures) and
 # OUTDIR/RESULTS.md.
@@ -22,7 +24,7 @@ step() { echo; echo "== $1 ($(date +%T))"; }
 
 step "build (arch $TORCH_CUDA_ARCH_LIST)"
 start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} timeout 200 python3 -m pip install -q --no-build-isolation --no-deps -e . \
+MAX_JOBS=${MAX_JOBS:-16} timeout 185 python3 -m pip install -q --no-build-isolation --no-deps -e . \
     || fail "build"
 echo "build took $(( $(date +%s) - start )) s"
 python3 -m tinymem_fast info || fail "tinymem info"
@@ -36,18 +38,25 @@ sys.exit(0 if st["loaded"] and st["cuda"] and torch.cuda.is_available() else 1)
 PY
 
 step "GPU tests (every CUDA and Triton case; none may skip)"
-# the backend is part of every op test's id, so -k picks the GPU cases of every family
-timeout 130 python3 -m pytest -q -p no:cacheprovider -n 8 -rs -k "cuda or triton" \
-    --junitxml="$OUT/gpu_tests.xml" tests/ops || fail "GPU tests"
+# the backend is part of every op test's id, so -k picks the GPU cases of every family in tests/ops; every
+# test in tests/gpu carries the cuda marker, which -k matches too. The big tests (tensors past 2^31
+# elements, ~20 GB each) form one xdist group: --dist loadgroup runs them one after another on one worker.
+timeout 140 python3 -m pytest -q -p no:cacheprovider -n 8 --dist loadgroup -rs --durations=15 \
+    -k "cuda or triton" --junitxml="$OUT/gpu_tests.xml" tests/ops tests/gpu || fail "GPU tests"
 python3 - "$OUT/gpu_tests.xml" <<'PY' || fail "GPU tests were skipped"
 import sys
 import xml.etree.ElementTree as ET
 cases = list(ET.parse(sys.argv[1]).getroot().iter("testcase"))
 skipped = [(c.get("classname"), c.get("name"), s.get("message", "")) for c in cases for s in c.iter("skipped")]
-print(f"{len(cases)} GPU test cases, {len(skipped)} skipped")
+gpu = [c for c in cases if (c.get("classname") or "").startswith("tests.gpu.")]
+print(f"{len(cases)} GPU test cases ({len(gpu)} of them in tests/gpu), {len(skipped)} skipped")
 for cls, name, why in skipped[:30]:
     print(f"  skipped: {cls}::{name}: {why}")
-sys.exit(1 if skipped or not cases else 0)
+for c in gpu:  # peak memory and time of the big tests (their user_properties)
+    props = {p.get("name"): p.get("value") for p in c.iter("property")}
+    if props:
+        print(f"  {c.get('name')}: {props}")
+sys.exit(1 if skipped or not cases or not gpu else 0)
 PY
 
 step "GPU benchmarks (correctness checks fail the run)"
