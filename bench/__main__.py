@@ -28,6 +28,7 @@ SUITES = {
     "tinymem_quick": "bench.experiments.tinymem_quick",
     "unlearning_quick": "bench.experiments.unlearning_quick",
     "method_baselines": "bench.experiments.method_baselines",
+    "method_speed": "bench.experiments.method_speed",
     "methods_quick": "bench.experiments.methods_quick",
 }
 

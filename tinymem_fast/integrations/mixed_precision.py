@@ -51,22 +51,26 @@ def _warn_if_no_fast_bf16() -> None:
 
 
 @contextmanager
-def autocast(model, precision: str, device_type: str):
+def autocast(model, precision: str, device_type: str, fused_attention: bool = False):
     """Run the forward pass under ``precision``. The model's attention implementation is swapped only
-    for the duration (and only on the CPU, only from ``sdpa``), so a saved config never names it."""
+    for the duration (and only on the CPU, only from ``sdpa``), so a saved config never names it.
+    ``fused_attention``: swap it in float32 too (the unlearning methods' steps; training in fp32 keeps
+    the stock attention as the reference numerics)."""
     check_precision(precision)
-    if precision == "fp32":
-        yield
-        return
-    if device_type == "cpu":
+    bf16 = precision == "bf16"
+    if bf16 and device_type == "cpu":
         _warn_if_no_fast_bf16()
     config = getattr(model, "config", None)
-    swap = device_type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
+    swap = (device_type == "cpu" and (bf16 or fused_attention)
+            and getattr(config, "_attn_implementation", None) == "sdpa")
     if swap:
         _register()
         config._attn_implementation = TRAIN_ATTENTION
     try:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        if bf16:
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                yield
+        else:
             yield
     finally:
         if swap:

@@ -3,17 +3,20 @@
 * :class:`RowGroups` draws rows of several sets (forget, retain) into **one** batch: one forward pass,
   the per-row losses split afterwards. Rows are independent in a causal LM (no op mixes rows), so the
   losses equal those of separate passes up to GEMM blocking; one pass of 2B rows is cheaper than two of B
-  (every non-GEMM op and every kernel launch runs once). The batch is cut to its longest content row
-  (right padding + causal attention: later positions never reach a counted target), with lengths read
-  once up front so that no step waits on the device for them.
+  (every non-GEMM op and every kernel launch runs once). A row drawn twice in a step (a forget set
+  smaller than its share of the batch) is computed once and counted twice. The batch is cut to its
+  longest content row (right padding + causal attention: later positions never reach a counted target),
+  with lengths read once up front so that no step waits on the device for them.
 * :func:`group_losses` runs the pass under the method's ``precision`` (``bf16``: bf16 GEMMs under
-  autocast, float32 weights/scores/optimizer, the fused CPU attention; see
-  :mod:`tinymem_fast.integrations.mixed_precision`).
+  autocast, float32 weights/scores/optimizer; see :mod:`tinymem_fast.integrations.mixed_precision`),
+  with the fused causal attention on a CPU in either precision.
 * :class:`LossWatch` checks the loss for NaN/inf and keeps the logged values on the device, reading them
   back every ``every`` steps instead of every step (a host sync per step stalls a GPU queue).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,8 +25,22 @@ from ..integrations.mixed_precision import autocast
 from ..tinymem.training import token_loss
 
 
+@dataclass
+class Batch:
+    """Rows of several groups in one batch: ``sizes[g]`` rows of group g, in order; ``counts[g]`` how many
+    times each of them was drawn (None: once each)."""
+
+    ids: Tensor
+    pad: Tensor
+    sizes: list[int]
+    counts: list[Tensor | None]
+
+
 class RowGroups:
-    """Sets of rows (token ids + pad masks, same width) from which one batch takes rows of each."""
+    """Sets of rows (token ids + pad masks, same width) from which one batch takes rows of each.
+
+    A row drawn several times in one step (a forget set smaller than its share of the batch) is computed
+    once and weighted by its count: the same mean loss and gradient for less work."""
 
     def __init__(self, sets: list[tuple[Tensor, Tensor]], loss_on_pad: bool):
         widths = {ids.shape[1] for ids, _ in sets}
@@ -34,23 +51,33 @@ class RowGroups:
         # content lengths on the host, once: the batch width of a step then needs no device read
         self.lengths = [(~pad).sum(1).cpu() for _, pad in sets]
 
-    def batch(self, picks: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
-        """Rows ``picks[g]`` (host int64 indices) of each set ``g``, in one batch cut to its longest
-        content row (unless loss_on_pad) -> (ids, pad, rows per group)."""
+    def batch(self, picks: list[Tensor]) -> Batch:
+        """Rows ``picks[g]`` (host int64 indices, repeats allowed) of each set ``g``, in one batch cut to
+        its longest content row (unless loss_on_pad)."""
+        rows, counts = [], []
+        for p in picks:
+            u, c = torch.unique(p, return_counts=True)
+            dup = u.numel() < p.numel()
+            rows.append(u if dup else p)
+            counts.append(c if dup else None)
         width = self.full
         if not self.loss_on_pad:
-            width = max(int(lens[p].max()) for lens, p in zip(self.lengths, picks, strict=True) if p.numel())
-        ids = torch.cat([i[p.to(i.device)][:, :width] for (i, _), p in zip(self.sets, picks, strict=True)])
-        pad = torch.cat([q[p.to(q.device)][:, :width] for (_, q), p in zip(self.sets, picks, strict=True)])
-        return ids, pad, [p.numel() for p in picks]
+            width = max(int(lens[p].max()) for lens, p in zip(self.lengths, rows, strict=True) if p.numel())
+        ids = torch.cat([i[p.to(i.device)][:, :width] for (i, _), p in zip(self.sets, rows, strict=True)])
+        pad = torch.cat([q[p.to(q.device)][:, :width] for (_, q), p in zip(self.sets, rows, strict=True)])
+        counts = [None if c is None else c.to(ids.device, torch.float32) for c in counts]
+        return Batch(ids, pad, [p.numel() for p in rows], counts)
 
 
-def group_losses(model, ids: Tensor, pad: Tensor, sizes: list[int], loss_on_pad: bool,
-                 precision: str = "fp32") -> list[Tensor]:
-    """One forward over the batch; the per-sequence mean CE of each group's rows."""
-    with autocast(model, precision, ids.device.type):
-        seq, _ = token_loss(model, ids, pad, loss_on_pad)
-    return list(seq.float().split(sizes))
+def group_losses(model, batch: Batch, loss_on_pad: bool, precision: str = "fp32") -> list[Tensor]:
+    """One forward over the batch (the fused attention on a CPU, in either precision) -> each group's
+    mean per-sequence CE over the rows drawn, repeats counted."""
+    with autocast(model, precision, batch.ids.device.type, fused_attention=True):
+        seq, _ = token_loss(model, batch.ids, batch.pad, loss_on_pad)
+    out = []
+    for part, c in zip(seq.float().split(batch.sizes), batch.counts, strict=True):
+        out.append(part.mean() if c is None else (part * c).sum() / c.sum())
+    return out
 
 
 class LossWatch:

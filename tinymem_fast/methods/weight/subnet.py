@@ -88,16 +88,14 @@ def _run(model, inputs: UnlearnInputs, cfg: SubnetConfig, balanced: bool) -> dic
                          disable=not cfg.progress):
             if balanced:
                 # forget and retain rows in one forward pass, their losses split afterwards
-                ids, pad, sizes = rows.batch([fcyc.take(fb), rcyc.take(rb)])
-                lf, lr_ = (part.mean() for part in
-                           group_losses(model, ids, pad, sizes, cfg.loss_on_pad, cfg.precision))
+                batch = rows.batch([fcyc.take(fb), rcyc.take(rb)])
+                lf, lr_ = group_losses(model, batch, cfg.loss_on_pad, cfg.precision)
                 loss = -(1.0 - alpha) * lf + alpha * lr_
                 logged = {"forget_loss": lf, "retain_loss": lr_}
             else:
                 b = step % per_epoch
                 pick = torch.arange(b * cfg.batch_size, min(nf, (b + 1) * cfg.batch_size))
-                ids, pad, sizes = rows.batch([pick])
-                lf = group_losses(model, ids, pad, sizes, cfg.loss_on_pad, cfg.precision)[0].mean()
+                lf = group_losses(model, rows.batch([pick]), cfg.loss_on_pad, cfg.precision)[0]
                 loss = -lf
                 logged = {"forget_loss": lf}
             watch.add(step, loss, **logged)

@@ -1,0 +1,212 @@
+"""Unlearning methods end to end against straightforward reference-style runs at the same settings.
+
+A user runs methods, not kernels: this suite times whole edits on the quick math model (the
+``tinymem_quick`` cache: 14-ish forget rows, 2,000 retain rows) and reports each next to what the edit
+achieved (memorized % and accuracy after, from the same evaluation), so a speed-up never hides a worse
+result. Every figure is from one run of this suite, same settings for both sides.
+
+* **plain training step** -- ``Trainer.step`` (AdamW, every weight trained) on 64 retain rows: the unit a
+  method step is measured in. fp32 and bf16.
+* **BalancedSubnet** (ratio 0.1, score lr 1.0, alpha 0.95, 10 epochs, batch 64): ours, fp32 and bf16,
+  against a reference-style implementation written here as SPEC.md describes the reference running it:
+  a full sort of every score tensor on every forward, ``W * M`` materialised in every layer, forget and
+  retain rows shuffled into one loader of batches of 64 whose forget-row mean is NaN when a batch has no
+  forget row (those steps run their forward and are skipped), float32.
+
+``BENCH_METHOD_EPOCHS`` changes the epochs (both sides).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.experiments.method_baselines import _inputs
+from bench.experiments.tinymem_quick import trained_run
+from bench.harness import Row, sync
+from tinymem_fast.integrations.adapters import mlp_layers
+from tinymem_fast.methods import get_method
+from tinymem_fast.methods.registry import make_config
+from tinymem_fast.tinymem.data.dataset import build
+from tinymem_fast.tinymem.presets import get_preset
+from tinymem_fast.tinymem.results import stats, utility
+from tinymem_fast.tinymem.training import TrainConfig, Trainer, token_loss
+
+SUITE = "method_speed"
+SETTINGS = dict(ratio=0.1, lr=1.0, loss_weight=0.95, batch_size=64)
+REF = "reference-style (sort per forward, W*M, one shuffled loader), fp32"
+
+
+# --- the reference-style BalancedSubnet --------------------------------------------------------------
+
+
+class _SortMask(torch.autograd.Function):
+    """Edge-popup's GetSubnet: mask from a full sort of |S| on every call, straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, scores, ratio):
+        flat = scores.abs().flatten()
+        order = flat.sort().indices
+        mask = torch.ones_like(flat)
+        mask[order[: int(ratio * flat.numel())]] = 0
+        ctx.save_for_backward(scores)
+        return mask.view_as(scores)
+
+    @staticmethod
+    def backward(ctx, g):
+        (scores,) = ctx.saved_tensors
+        return g * torch.sign(scores), None
+
+
+class _RefMasked(nn.Module):
+    def __init__(self, base: nn.Module, ratio: float, gen: torch.Generator):
+        super().__init__()
+        self.base, self.ratio = base, ratio
+        self.conv1d = not isinstance(base, nn.Linear)
+        w = base.weight
+        fan_in = w.shape[0] if self.conv1d else w.shape[1]
+        bound = 1.0 / math.sqrt(fan_in)
+        self.scores = nn.Parameter(torch.empty(w.shape).uniform_(-bound, bound, generator=gen))
+
+    def masked(self):
+        return self.base.weight * _SortMask.apply(self.scores, self.ratio)  # W*M materialised
+
+    def forward(self, x):
+        w = self.masked()
+        if self.conv1d:
+            return x @ w + self.base.bias
+        return F.linear(x, w, self.base.bias)
+
+
+def reference_balanced_subnet(model, forget_ids, forget_pad, retain_ids, retain_pad, *, epochs: int,
+                              ratio: float, lr: float, loss_weight: float, batch_size: int, seed: int = 0):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    wrapped = []
+    for layer in mlp_layers(model):
+        for name, mod in layer.matrices().items():
+            m = _RefMasked(mod, ratio, gen)
+            setattr(layer.mlp, name, m)
+            wrapped.append((layer.mlp, name, m))
+    opt = torch.optim.SGD([m.scores for *_, m in wrapped], lr=lr, momentum=0.9, weight_decay=5e-4)
+    ids = torch.cat([forget_ids, retain_ids])
+    pad = torch.cat([forget_pad, retain_pad])
+    is_forget = torch.cat([torch.ones(len(forget_ids), dtype=torch.bool),
+                           torch.zeros(len(retain_ids), dtype=torch.bool)])
+    model.eval()
+    steps = skipped = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(ids), generator=gen)
+        for i in range(0, len(ids), batch_size):
+            b = order[i: i + batch_size]
+            seq, _ = token_loss(model, ids[b], pad[b], False, fused=False)
+            f = is_forget[b]
+            loss = -(1 - loss_weight) * seq[f].mean() + loss_weight * seq[~f].mean()
+            steps += 1
+            if not torch.isfinite(loss):  # a batch with no forget row: mean of nothing
+                skipped += 1
+                continue
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        for parent, name, m in wrapped:
+            m.base.weight.copy_(m.masked())
+            setattr(parent, name, m.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return steps, skipped
+
+
+# --- the suite ------------------------------------------------------------------------------------
+
+
+def _data():
+    cfg = get_preset("quick-math-noise")
+    return build(cfg.data, seed=cfg.seed, workdir=trained_run("quick-math-noise", []))
+
+
+def _result(model, data, inputs) -> tuple[float, float, int]:
+    """(memorized % over the training set, accuracy %, forget rows still memorized)."""
+    from tinymem_fast.tinymem.memorization import score_windows
+
+    s = stats(model, data)
+    start = inputs.forget_start
+    left = int(score_windows(model, inputs.forget_ids, start, start + data.config.mem_len).match.sum())
+    return s["mem"], 100 * utility(s, "math")["acc"], left
+
+
+def plain_step_ms(model, inputs, precision: str, steps: int = 20) -> float:
+    m = copy.deepcopy(model)
+    tr = Trainer(m, TrainConfig(batch_size=64, precision=precision))
+    ids, pad = inputs.retain_ids[:64], inputs.retain_pad[:64]
+    for _ in range(3):
+        tr.step(ids, pad)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        tr.step(ids, pad)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
+    if device != "cpu":
+        return [Row(SUITE, "BalancedSubnet, quick math", "-", float("nan"), float("nan"), float("nan"),
+                    note="CPU suite (the quick math model); the GPU figure is a Pythia-shaped step")]
+    epochs = int(os.environ.get("BENCH_METHOD_EPOCHS", 10))
+    model, inputs = _inputs(device)
+    data = _data()
+    mem0, acc0, left0 = _result(model, data, inputs)
+    nf = inputs.forget_ids.shape[0]
+    case = (f"BalancedSubnet, quick math ({nf} forget / {inputs.retain_ids.shape[0]} retain rows), "
+            f"ratio 0.1, lr 1, alpha 0.95, {epochs} epochs, batch 64")
+    rows = []
+    plain = {prec: plain_step_ms(model, inputs, prec) for prec in ("fp32", "bf16")}
+    for prec, ms in plain.items():
+        rows.append(Row(SUITE, "plain training step, 64 rows", f"Trainer.step, {prec}", ms, ms, ms))
+
+    ref = copy.deepcopy(model)
+    sync(device)
+    t0 = time.perf_counter()
+    steps, skipped = reference_balanced_subnet(
+        ref, inputs.forget_ids, inputs.forget_pad, inputs.retain_ids, inputs.retain_pad, epochs=epochs,
+        ratio=SETTINGS["ratio"], lr=SETTINGS["lr"], loss_weight=SETTINGS["loss_weight"],
+        batch_size=SETTINGS["batch_size"])
+    t_ref = (time.perf_counter() - t0) * 1e3
+    mem, acc, left = _result(ref, data, inputs)
+    rows.append(Row(SUITE, case, REF, t_ref, t_ref, t_ref, note=(
+        f"{steps} steps, {skipped} skipped (no forget row); {t_ref / steps:.0f} ms/step; memorized "
+        f"{mem0:.1f}% -> {mem:.1f}%, acc {acc0:.2f}% -> {acc:.2f}%, forget rows left {left}/{left0}"),
+        extra={"mem_after": mem, "acc_after": acc}))
+    ref_row = rows[-1]
+    meth = get_method("balanced_subnet")
+    for prec in ("fp32", "bf16"):
+        m = copy.deepcopy(model)
+        cfg = make_config(meth, dict(SETTINGS, epochs=epochs, precision=prec))
+        t0 = time.perf_counter()
+        info = meth.run(m, inputs, cfg)
+        t = (time.perf_counter() - t0) * 1e3
+        mem, acc, left = _result(m, data, inputs)
+        step_ms = info["time_edit_s"] * 1e3 / info["steps"]
+        # same result quality or better: memorization no higher, accuracy within 1 point
+        ok = mem <= ref_row.extra["mem_after"] and acc >= ref_row.extra["acc_after"] - 1.0
+        rows.append(Row(SUITE, case, f"tinymem, {prec}", t, t, t, baseline=REF, ratio=t_ref / t, ok=ok, note=(
+            f"{info['steps']} steps, none skipped; {step_ms:.0f} ms/step = {step_ms / plain[prec]:.2f}x a "
+            f"plain {prec} training step; memorized {mem0:.1f}% -> {mem:.1f}%, acc {acc0:.2f}% -> "
+            f"{acc:.2f}%, forget rows left {left}/{left0}"), extra={"mem_after": mem, "acc_after": acc}))
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run():
+        ratio = f"{r.ratio:5.2f}x vs {r.baseline}" if r.ratio else ""
+        print(f"{r.case[:40]:<40} {r.provider:<40} {r.median_ms / 1e3:8.1f} s {ratio}  {r.note}", flush=True)
