@@ -102,21 +102,39 @@ int find_bin(const std::vector<int64_t>& h, int64_t rank, int64_t* before) {
   TORCH_CHECK(false, "internal error: rank beyond histogram");
 }
 
-// Small matrices: one nth_element over a key copy beats zeroing and merging 64K-bin histograms.
+// Small matrices (an MLP matrix of a small model is selected once per optimizer step, so this sits on the
+// step's critical path): one thread, the keys copied once, a 16-bit radix pass over all keys and a second
+// over those in the chosen bin, with one shared histogram of 32-bit counts -- about four streaming passes,
+// several times faster than nth_element at 64K entries.
 constexpr int64_t kSmall = 1 << 18;
 
 template <typename T>
 std::tuple<float, int64_t> threshold_small(const T* s, int64_t n, int64_t k) {
   std::vector<uint32_t> keys(n);
-  for (int64_t i = 0; i < n; ++i) keys[i] = abs_key(s[i]);
+  uint32_t worst = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    keys[i] = abs_key(s[i]);
+    worst = std::max(worst, keys[i]);
+  }
+  TORCH_CHECK(worst <= kInfBits, "scores contain NaN; the mask is undefined (did the loss diverge?)");
+  std::vector<uint32_t> hist(kBins, 0);
+  for (int64_t i = 0; i < n; ++i) hist[keys[i] >> 16]++;
+  int64_t rank = k;  // 1-based rank of the k-th smallest key among those still in play
+  uint32_t bhi = 0;
+  for (;; ++bhi) {
+    if (hist[bhi] >= rank) break;
+    rank -= hist[bhi];
+  }
+  std::fill(hist.begin(), hist.end(), 0u);
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(keys[i] <= kInfBits, "scores contain NaN; the mask is undefined (did the loss diverge?)");
-  std::vector<uint32_t> work(keys);
-  std::nth_element(work.begin(), work.begin() + (k - 1), work.end());
-  const uint32_t vkey = work[k - 1];
-  int64_t less = 0;
-  for (int64_t i = 0; i < n; ++i) less += keys[i] < vkey;
-  int64_t remaining = k - less;
+    if ((keys[i] >> 16) == bhi) hist[keys[i] & 0xffffu]++;
+  uint32_t blo = 0;
+  for (;; ++blo) {
+    if (hist[blo] >= rank) break;
+    rank -= hist[blo];
+  }
+  const uint32_t vkey = (bhi << 16) | blo;
+  int64_t remaining = rank;  // ties of vkey still to drop, in index order
   for (int64_t i = 0; i < n; ++i) {
     if (keys[i] == vkey && --remaining == 0) return {key_to_float(vkey), i + 1};
   }
