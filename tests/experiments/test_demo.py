@@ -15,7 +15,8 @@ METHODS = {"balanced_subnet": dict(ratio=0.1, lr=1.0, loss_weight=0.9, epochs=1,
 def test_demo_writes_table_rows_and_plot(tmp_path):
     cfg = apply_overrides(get_preset("quick"), TINY)
     said = []
-    rows = run_demo(str(tmp_path), cfg=cfg, methods=METHODS, progress=False, say=said.append)
+    rows = run_demo(str(tmp_path), cfg=cfg, methods=METHODS, progress=False, say=said.append,
+                    precision="fp32")  # the same numerics on every CPU
     text = "\n".join(said)
     assert "[1/3] training" in text
     # the tiny model memorizes 9 of its 23 eligible noised rows (x30 group: 9 of 12), on every CPU tried
@@ -30,5 +31,20 @@ def test_demo_writes_table_rows_and_plot(tmp_path):
     assert "| base |" in table and "balanced_subnet" in table
     # a second run reuses the trained model
     said.clear()
-    run_demo(str(tmp_path), cfg=cfg, methods=METHODS, progress=False, say=said.append)
-    assert any("reusing the trained model" in s for s in said)
+    run_demo(str(tmp_path), cfg=cfg, methods=METHODS, progress=False, say=said.append, precision="auto")
+    assert any("reusing the trained model" in s and "trained in fp32" in s for s in said)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import pytest
+    import torch
+
+    from tinymem_fast.integrations import mixed_precision as mp
+
+    assert mp.resolve_precision("fp32") == "fp32" and mp.resolve_precision("bf16") == "bf16"
+    assert mp.resolve_precision("auto", "cuda") == "bf16"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert mp.resolve_precision("auto", "cpu") == want
+    with pytest.raises(ValueError, match="unknown precision"):
+        mp.resolve_precision("fp8")

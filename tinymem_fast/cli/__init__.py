@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train a quick TinyMem model, then unlearn its memorized data")
     dm.add_argument("--out", default="tinymem_demo", help="output folder (default ./tinymem_demo)")
     dm.add_argument("--retrain", action="store_true", help="train the model again even if one exists")
+    dm.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="matmul precision of training and unlearning (auto, the default: bf16 where this "
+                         "machine runs bf16 natively -- a GPU, a CPU with AVX512-BF16/AMX -- else fp32)")
     dm.set_defaults(func=_command("demo", "cmd_demo"))
 
     un = sub.add_parser("unlearn", parents=[quiet, device, protocol],

@@ -11,5 +11,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..experiments.demo import run_demo
 
     log_to_stderr()
-    run_demo(args.out, retrain=args.retrain, progress=not args.quiet)
+    run_demo(args.out, retrain=args.retrain, progress=not args.quiet, precision=args.precision)
     return 0

@@ -13,6 +13,8 @@ import os
 import time
 
 from ..common.optional import MissingExtra, pyplot
+from ..common.validation import parse_device
+from ..integrations.mixed_precision import resolve_precision
 from ..tinymem.data.dataset import build
 from ..tinymem.models import load_model
 from ..tinymem.presets import get_preset
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 # so the quick settings use a larger score lr (and BalancedSubnet a larger retain weight). Measured
 # results: README.
 QUICK_METHODS = {
-    "balanced_subnet": dict(ratio=0.1, lr=1.0, loss_weight=0.95, epochs=10, batch_size=64),
+    "balanced_subnet": dict(ratio=0.15, lr=1.0, loss_weight=0.95, epochs=10, batch_size=64),
     "subnet": dict(ratio=0.05, lr=1.0, epochs=5, batch_size=64),
 }
 def _model_ready(model_dir: str, fingerprint: str) -> bool:
@@ -37,24 +39,30 @@ def _model_ready(model_dir: str, fingerprint: str) -> bool:
 
 
 def run_demo(out_dir: str, *, preset: str = "quick-math-noise", methods: dict | None = None,
-             retrain: bool = False, progress: bool = True, say=print, cfg=None) -> list[dict]:
-    """``cfg`` (a RunConfig) replaces the preset's configuration when given (tests use tiny ones)."""
+             retrain: bool = False, progress: bool = True, say=print, cfg=None,
+             precision: str = "auto") -> list[dict]:
+    """``cfg`` (a RunConfig) replaces the preset's configuration when given (tests use tiny ones).
+    ``precision``: of training and of the methods' steps (``auto``: bf16 where this machine runs it
+    natively, else fp32). A model already trained in the folder is reused whatever its precision."""
     methods = methods or QUICK_METHODS
     t_start = time.perf_counter()
-    cfg = cfg or get_preset(preset)
+    cfg = copy.deepcopy(cfg) if cfg is not None else get_preset(preset)
+    cfg.train.precision = resolve_precision(precision, parse_device(cfg.train.device, "train.device").type)
     os.makedirs(out_dir, exist_ok=True)
     model_dir = os.path.join(out_dir, "model")
     data = build(cfg.data, seed=cfg.seed, workdir=model_dir)
     fp = data.fingerprint()
     if retrain or not _model_ready(model_dir, fp):
-        say(f"[1/3] training the {preset} model ({cfg.description}) ...")
+        say(f"[1/3] training the {preset} model ({cfg.description}; {cfg.train.precision}) ...")
         os.makedirs(model_dir, exist_ok=True)
         with open(os.path.join(model_dir, "run.json"), "w") as f:
             json.dump({"preset": preset, "config": cfg.to_dict(), "data_fingerprint": fp}, f, indent=1)
         model = build_model_for(data, cfg.model, seed=cfg.seed)
         train(model, data, cfg.train, model_dir, seed=cfg.seed, resume=not retrain, progress=progress)
     else:
-        say(f"[1/3] reusing the trained model in {model_dir}")
+        with open(os.path.join(model_dir, "run.json")) as f:
+            trained = json.load(f).get("config", {}).get("train", {}).get("precision", "fp32")
+        say(f"[1/3] reusing the trained model in {model_dir} (trained in {trained})")
     base_model = load_model(os.path.join(model_dir, "final"))
     say("[2/3] measuring memorization ...")
     t0 = time.perf_counter()
@@ -71,7 +79,8 @@ def run_demo(out_dir: str, *, preset: str = "quick-math-noise", methods: dict | 
     say("[3/3] unlearning ...")
     for name, hp in methods.items():
         model = copy.deepcopy(base_model)
-        row = unlearn(model, data, name, {**hp, "progress": progress}, base=base, forget=forget,
+        row = unlearn(model, data, name, {**hp, "progress": progress, "precision": cfg.train.precision},
+                      base=base, forget=forget,
                       model_tag=f"{preset}/seed{cfg.seed}", retain_size=2000)
         row["time_eval_s"] = t_base + row["time_eval_s"]
         append_row(row, out_dir)

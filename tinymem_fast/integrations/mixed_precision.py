@@ -35,16 +35,30 @@ def _register() -> None:
     register_attention()
 
 
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 matmuls run faster than float32 here: a CUDA GPU, or a CPU with AVX512-BF16 / AMX."""
+    if device_type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device_type: str = "cpu") -> str:
+    """``auto`` -> ``bf16`` where :func:`native_bf16`, else ``fp32``; ``fp32`` / ``bf16`` as given."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device_type) else "fp32"
+    check_precision(precision)
+    return precision
+
+
 def _warn_if_no_fast_bf16() -> None:
     global _warned_slow_bf16
     if _warned_slow_bf16:
         return
     _warned_slow_bf16 = True
-    try:
-        fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        fast = False
-    if not fast:
+    if not native_bf16("cpu"):
         warnings.warn("tinymem_fast: this CPU has no native bf16 matrix instructions (AVX512-BF16 / AMX); "
                       "train.precision=bf16 will likely be slower than fp32 here", RuntimeWarning,
                       stacklevel=3)
