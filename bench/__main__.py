@@ -15,6 +15,7 @@ from bench.harness import save
 SUITES = {
     "masked_subnet": "bench.kernels.masked_subnet",
     "memscore": "bench.kernels.memscore",
+    "memscore_head": "bench.kernels.memscore_head",
     "causal_attention": "bench.kernels.causal_attention",
     "linear_cross_entropy": "bench.kernels.linear_cross_entropy",
     "topk": "bench.kernels.topk",

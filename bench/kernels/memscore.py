@@ -11,9 +11,10 @@ On a CPU, also one greedy-decoding step of a Pythia-70M-shaped float32 head (V=5
 128 rows: ``F.linear + argmax`` against the cpp kernel in float32 and screened in bf16 (``pack_head``, built
 once per weight outside the timed region; its own time is in the note).
 
-On a GPU first: a Pythia-scale bf16 head (M=4096, d=4096, V=50304), match + NLL per token, against the bare
-cuBLAS GEMM of that shape (the floor), F.linear + argmax + cross_entropy and its torch.compile; every fast
-backend, the cuda one on both of its paths (cuBLAS blocks, SIMT tiles).
+``bench_big_head`` (the ``memscore_head`` suite, GPU only): a Pythia-scale bf16 head (M=4096, d=4096,
+V=50304), match + NLL per token, against the bare cuBLAS GEMM of that shape (the floor), F.linear + argmax
++ cross_entropy and its torch.compile; every fast backend, the cuda one on both of its paths (cuBLAS
+blocks, SIMT tiles).
 
 ``python -m bench.kernels.memscore [--quick] [--head-only]`` prints the rows without saving them.
 """
@@ -226,7 +227,7 @@ def run(device: str = "cpu", repeats: int = 5) -> list[Row]:
     gpu = device != "cpu"
     math_b = 128 if small else 1024
     lang_b = 16 if small else (1024 if gpu else 128)
-    rows = bench_big_head(device, repeats) if gpu and not small else []
+    rows = []  # the Pythia-scale GPU head is its own suite (memscore_head): it leads the GPU check
     dtypes = [torch.float32, torch.float16] if gpu else [torch.float32]
     for dtype in dtypes:
         rows += bench_examples(device, repeats, 14, math_b, dtype)
