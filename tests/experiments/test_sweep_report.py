@@ -67,6 +67,25 @@ def test_shards_partition_the_plan(tiny_run, grid_file):
     assert [r.key for r in again] == [r.key for r in runs]  # keys are stable across processes
 
 
+def test_precision_is_part_of_each_run(tiny_run):
+    """--precision bf16 reaches every method with a precision setting and every training kind, and keys
+    differ from the fp32 plan's; `run` (the default) leaves the plan as it was."""
+    methods = ["balanced_subnet", "durable", "spectral_norm", "clean_ft"]
+    grid = {"balanced_subnet": [{"ratio": 0.1}], "durable": [{"ratio": 0.01}]}
+    default = plan([str(tiny_run)], methods, grid, [0])
+    bf16 = plan([str(tiny_run)], methods, grid, [0], precision="bf16")
+    fp32 = plan([str(tiny_run)], methods, grid, [0], precision="fp32")
+    by = {r.method: r for r in bf16}
+    assert by["balanced_subnet"].hp["precision"] == "bf16" and by["balanced_subnet"].precision == "run"
+    assert by["spectral_norm"].precision == "bf16" and by["clean_ft"].precision == "bf16"
+    assert {r.method: r.precision for r in default} == dict.fromkeys(methods, "run")
+    with_precision = {"balanced_subnet", "spectral_norm", "clean_ft"}  # durable: whatever its config has
+    assert not {r.key for r in bf16 if r.method in with_precision} & {r.key for r in fp32}
+    # an unlearning method at its own default precision keeps its key under --precision fp32
+    assert {r.key for r in default if r.method == "balanced_subnet"} == \
+        {r.key for r in fp32 if r.method == "balanced_subnet"}
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--methods", "forgetful"], "unknown method"),
     (["--methods", "durable", "--grid", "huge"], "unknown grid"),

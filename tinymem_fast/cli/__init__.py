@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(e.g. 500,1500,final) -- the paper unlearns at four checkpoints of a run")
     sw.add_argument("--out", default="tinymem_sweep")
     sw.add_argument("--dry-run", action="store_true", help="list this shard's runs and exit")
+    sw.add_argument("--precision", choices=("run", "auto", "fp32", "bf16"), default="run",
+                    help="matmul precision of every method that computes gradients or trains: run (default: "
+                         "each method's own setting, training kinds the run's), fp32, bf16, or auto (bf16 "
+                         "where this machine runs it natively); part of each run's key")
     sw.set_defaults(func=_command("sweep", "cmd_sweep"))
 
     rp = sub.add_parser("report", help="best run per method, table, plots, HTML page")

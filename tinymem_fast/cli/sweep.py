@@ -15,7 +15,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     log_to_stderr()
     methods = "all" if args.methods == "all" else [m for m in args.methods.split(",") if m.strip()]
-    runs = plan(args.models, methods, args.grid, args.seeds, checkpoints=args.checkpoints)
+    runs = plan(args.models, methods, args.grid, args.seeds, checkpoints=args.checkpoints,
+                precision=args.precision)
     shard = parse_shard(args.shard)
     if args.dry_run:
         for r in runs[shard[0]::shard[1]]:

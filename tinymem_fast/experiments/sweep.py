@@ -73,6 +73,7 @@ class RunSpec:
     key: str = field(compare=False)
     checkpoint: str = "final"   # "final" or a checkpoints/step-* folder name of the run
     model_path: str = ""        # the weights the run starts from (absolute)
+    precision: str = "run"      # training kinds: "run" (the run's train.precision), fp32 or bf16
 
     @property
     def hp(self) -> dict:
@@ -135,12 +136,24 @@ def _targets(models: list[str], checkpoints: str) -> list:
     return list(dict.fromkeys(out))
 
 
+def _has_precision(method: str) -> bool:
+    from ..methods import get_method
+
+    return any(f.name == "precision" for f in dataclasses.fields(get_method(method).config_cls))
+
+
 def plan(models: list[str], methods: list[str] | str, grid: str | dict, seeds: list[int],
-         checkpoints: str = "final") -> list[RunSpec]:
+         checkpoints: str = "final", precision: str = "run") -> list[RunSpec]:
     """The ordered list of runs. Unknown methods or settings fail here, before any work.
 
     ``checkpoints``: which models of each run folder (``final``, ``all``, ``500,1500,final``); regularizers
-    train a run of their own and are planned once per run, under ``final``."""
+    train a run of their own and are planned once per run, under ``final``. ``precision``: ``run`` (each
+    method's own setting; training kinds the run's ``train.precision``), or ``fp32`` / ``bf16`` / ``auto``
+    (bf16 where this machine runs it natively) for every method that computes gradients or trains -- part
+    of each run's key, so fp32 and bf16 rows of one sweep folder never overwrite each other."""
+    from ..integrations.mixed_precision import resolve_precision
+
+    prec = precision if precision == "run" else resolve_precision(precision)
     g = load_grid(grid) if isinstance(grid, str) else grid
     names = all_methods() if methods == "all" or methods == ["all"] else [canonical(m) for m in methods]
     grid_names = {canonical(k): v for k, v in g.items()}
@@ -155,16 +168,22 @@ def plan(models: list[str], methods: list[str] | str, grid: str | dict, seeds: l
             training = _kind(m) == "regularizer"
             if training and run_dir in trained_once:
                 continue
+            trains = _kind(m) in TRAINING_KINDS
             for point in grid_names.get(m, [{}]):
+                if prec != "run" and not trains and _has_precision(m) and "precision" not in point:
+                    point = {**point, "precision": prec}
                 full = _full_settings(m, point)
                 for seed in seeds:
                     desc = {"model": run_dir, "method": m, "hp": full, "seed": seed}
                     label = "final" if training else ck.label
                     if label != "final":  # keys of final-model runs stay those of earlier sweeps
                         desc["checkpoint"] = label
+                    if trains and prec != "run":
+                        desc["precision"] = prec
                     blob = json.dumps(desc, sort_keys=True, default=str)
                     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-                    runs.append(RunSpec(run_dir, m, tuple(sorted(full.items())), seed, key, label, ck.path))
+                    runs.append(RunSpec(run_dir, m, tuple(sorted(full.items())), seed, key, label, ck.path,
+                                        prec if trains else "run"))
         trained_once.add(run_dir)
     if not runs:
         raise ValueError("the sweep expands to zero runs (no models, methods, grid points or seeds)")
@@ -249,10 +268,13 @@ def execute(spec: RunSpec, out: str, cache: _ModelCache, progress: bool = False)
     if m.category in TRAINING_KINDS:  # a training run of its own beside the trained one
         _, _, proto = cache.run(spec.model)
         src = spec.model if spec.checkpoint == "final" else model_path
+        extra = {} if spec.precision == "run" else {"precision": spec.precision}
         row = m.run(src, make_config(m, spec.hp), os.path.join(out, "runs", spec.key),
-                    device=cache.device, seed=spec.seed, progress=progress)
+                    device=cache.device, seed=spec.seed, progress=progress, **extra)
         row = rescore(row, proto["utility_metric"], proto["mem_metric"])
         row["checkpoint"] = spec.checkpoint
+        row["precision"] = cache.run(spec.model)[0].train.precision if spec.precision == "run" \
+            else spec.precision
         return row
     cfg, data, proto, base, forget = cache.get(spec.model, model_path)
     model = load_model(model_path, device=cache.device)

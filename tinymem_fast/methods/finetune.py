@@ -171,10 +171,11 @@ def finetune_dataset(data: TinyMemData, which: str) -> TinyMemData:
 
 
 def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None = None,
-             progress: bool = True, eval_batch_size: int | None = None) -> dict:
+             progress: bool = True, eval_batch_size: int | None = None, precision: str | None = None) -> dict:
     """Fine-tune the checkpoint at ``path`` (a run folder or a checkpoint folder); returns the result row.
     The fine-tuning run (checkpoints, per-epoch ``metrics.jsonl``, final model) goes to a sub-folder of
-    ``out_dir`` named after the method and the source step."""
+    ``out_dir`` named after the method and the source step. ``precision``: the training's, if not the
+    run's ``train.precision``."""
     from ..common.devices import device_name, sync
     from ..tinymem.models import load_model
     from ..tinymem.results import run_id, selection_score, stats, utility
@@ -189,6 +190,8 @@ def finetune(path: str, cfg: FinetuneConfig, out_dir: str, *, device: str | None
                              eval_every_epochs=1.0, ckpt_every_epochs=1.0)
     if device:
         tc.device = device
+    if precision:
+        tc.precision = precision
     if eval_batch_size:
         tc.eval_batch_size = eval_batch_size
     method = METHOD_NAMES[cfg.data]
@@ -242,9 +245,9 @@ class FinetuneMethodConfig:
 
 def _run_finetune(which: str):
     def run(run_dir: str, cfg: FinetuneMethodConfig, out_dir: str, *, device: str = "cpu",
-            seed: int | None = None, progress: bool = False) -> dict:
+            seed: int | None = None, progress: bool = False, precision: str | None = None) -> dict:
         return finetune(run_dir, FinetuneConfig(data=which, epochs=cfg.epochs), out_dir, device=device,
-                        progress=progress)
+                        progress=progress, precision=precision)
 
     return run
 

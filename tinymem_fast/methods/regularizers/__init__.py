@@ -38,14 +38,15 @@ log = logging.getLogger(__name__)
 
 def _run_regularized(name: str):
     def run(run_dir: str, cfg, out_dir: str, *, device: str = "cpu", seed: int | None = None,
-            progress: bool = False) -> dict:
+            progress: bool = False, precision: str | None = None) -> dict:
         """Train the run's configuration again with this regularizer into ``out_dir``; its result row
-        compares with the unregularized ``run_dir``."""
+        compares with the unregularized ``run_dir``. ``precision``: the training's, if not the run's."""
         from ...tinymem.training import train_run
         from ..finetune import load_run
 
         run_cfg, _ = load_run(run_dir)
-        run_cfg.train = dataclasses.replace(run_cfg.train, device=device)
+        run_cfg.train = dataclasses.replace(run_cfg.train, device=device,
+                                            precision=precision or run_cfg.train.precision)
         run_cfg.regularizer = dataclasses.replace(run_cfg.regularizer, name=name, **{name: cfg})
         if seed is not None:
             run_cfg.seed = seed
