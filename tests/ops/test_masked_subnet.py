@@ -782,3 +782,35 @@ def test_env_backend_and_fallback_warning():
     env["TINYMEM_BACKEND"] = "cpp"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "BackendUnavailable" in bad.stderr
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("backend", cases(["torch", "cpp"]))
+def test_masked_linear_under_bf16_autocast(backend, layout):
+    """Under CPU bf16 autocast a MaskedSubnet computes what a stock layer holding W*M computes there: the
+    same bf16 GEMM forward, the same input gradient, and the score gradient is that layer's (float32)
+    weight gradient times W * sign(S)."""
+    from transformers.pytorch_utils import Conv1D
+
+    backend_or_skip(backend)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40) if layout == "linear" else Conv1D(40, 24)
+    masked = ms.MaskedSubnet(base, 0.3, backend=backend)
+    w_eff = ms.masked_weight(base.weight, masked.scores, masked.threshold(), backend="torch")
+    ref = torch.nn.Linear(24, 40) if layout == "linear" else Conv1D(40, 24)
+    with torch.no_grad():
+        ref.weight.copy_(w_eff)
+        ref.bias.copy_(base.bias)
+    x = torch.randn(3, 7, 24)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = masked(xa), ref(xb)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad, atol=0, rtol=0)
+    assert masked.scores.grad.dtype == torch.float32
+    want = ref.weight.grad * base.weight * torch.sign(masked.scores)
+    torch.testing.assert_close(masked.scores.grad, want, atol=1e-6, rtol=1e-5)

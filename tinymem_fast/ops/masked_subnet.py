@@ -255,37 +255,39 @@ class _MaskedLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, scores, value, cut, bias, layout, backend):
         thr = SubnetThreshold(value, cut, -1)
         w_eff = masked_weight(weight, scores, thr, backend=backend)
-        # the bias rides in the GEMM (addmm), not a second pass over the output; under autocast both
-        # calls cast as a stock nn.Linear / Conv1D would
-        if layout == "linear":
-            y = torch.nn.functional.linear(x, w_eff, bias)
-        elif bias is not None:
-            y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w_eff).view(*x.shape[:-1], w_eff.shape[1])
-        else:
-            y = x @ w_eff
-        keep = w_eff.numel() <= KEEP_MASKED_WEIGHT_MAX
-        ctx.save_for_backward(x, weight, scores, value, cut, w_eff if keep else None)
-        ctx.layout, ctx.backend, ctx.has_bias = layout, backend, bias is not None
         dev = x.device.type
-        # backward runs outside autocast: it computes in the forward GEMM's dtype itself
-        ctx.compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else y.dtype
+        # Under autocast, cast here, once, what autocast would cast inside the GEMM, and keep the cast
+        # input for backward: a float32 input saved and cast again there is a second pass over it.
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w_eff.dtype
+        x_c, w_c = x.to(cdt), w_eff.to(cdt)
+        b_c = bias.to(cdt) if bias is not None else None
+        # the bias rides in the GEMM (addmm), not a second pass over the output
+        if layout == "linear":
+            y = torch.nn.functional.linear(x_c, w_c, b_c)
+        elif b_c is not None:
+            y = torch.addmm(b_c, x_c.reshape(-1, x.shape[-1]), w_c).view(*x.shape[:-1], w_c.shape[1])
+        else:
+            y = x_c @ w_c
+        keep = w_eff.numel() <= KEEP_MASKED_WEIGHT_MAX
+        ctx.save_for_backward(x_c, weight, scores, value, cut, w_c if keep else None)
+        ctx.layout, ctx.backend, ctx.has_bias = layout, backend, bias is not None
+        ctx.compute_dtype, ctx.x_dtype = cdt, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, scores, value, cut, w_eff = ctx.saved_tensors
+        x_c, weight, scores, value, cut, w_c = ctx.saved_tensors
         layout, backend, cdt = ctx.layout, ctx.backend, ctx.compute_dtype
         thr = SubnetThreshold(value, cut, -1)
         need_x, need_w, need_s = ctx.needs_input_grad[:3]
         dx = dw = ds = db = None
         dyc = dy.to(cdt)
         if need_x:
-            if w_eff is None:
-                w_eff = masked_weight(weight, scores, thr, backend=backend)
-            w_c = w_eff.to(cdt)
-            dx = (dyc @ (w_c if layout == "linear" else w_c.t())).to(x.dtype)
+            if w_c is None:
+                w_c = masked_weight(weight, scores, thr, backend=backend).to(cdt)
+            dx = (dyc @ (w_c if layout == "linear" else w_c.t())).to(ctx.x_dtype)
         if need_w or need_s:
-            dy2, x2 = dyc.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]).to(cdt)
+            dy2, x2 = dyc.reshape(-1, dy.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
             g = dy2.t() @ x2 if layout == "linear" else x2.t() @ dy2
             g = g.to(weight.dtype)  # dL/dW_eff in the weight's precision (float32 under bf16 autocast)
             if need_s:
