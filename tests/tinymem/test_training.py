@@ -1,6 +1,7 @@
 """Training: a killed and restarted run ends on the same weights as an uninterrupted one; CLI errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -65,3 +66,32 @@ def test_train_bad_input_fails_fast(tmp_path, args, msg):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and msg in r.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_evaluation_from_hidden_states_equals_the_logits_path(arch, monkeypatch):
+    """evaluate_lm scores through memscore (no [B, T, V] logits) when the head is plain; every metric
+    equals the logits path's, and a diverged model reports NaN instead of raising."""
+    import torch
+    from tiny_models import T, V, tiny
+
+    from tinymem_fast.tinymem import metrics
+
+    model = tiny(arch).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (37, T), generator=g)
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    pad[::3, -5:] = True
+    assert metrics.plain_head(model) is not None
+    fast = metrics.evaluate_lm(model, ids, pad, batch_size=16)
+    monkeypatch.setattr(metrics, "plain_head", lambda m: None)
+    slow = metrics.evaluate_lm(model, ids, pad, batch_size=16)
+    assert fast.keys() == slow.keys()
+    for k in fast:
+        assert fast[k] == pytest.approx(slow[k], rel=1e-5, abs=1e-6), k
+    monkeypatch.undo()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "embed" in n or "wte" in n)[0, 0] = float("nan")
+    ids[:, 0] = 0  # every row reads the NaN embedding row
+    bad = metrics.evaluate_lm(model, ids, pad, batch_size=16)
+    assert math.isnan(bad["loss"]) and math.isnan(bad["ppl_token"])

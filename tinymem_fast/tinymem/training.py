@@ -33,7 +33,7 @@ from ..common.devices import sync
 from ..common.validation import at_least, check_device, parse_device
 from ..integrations.mixed_precision import autocast, check_precision
 from .memorization import memorization_stats
-from .metrics import evaluate_tests
+from .metrics import evaluate_tests, plain_head
 from .models import build_model, save_model
 from .models.tinymem import save_pretrained_quietly
 from .regularizers import RegularizerConfig, TrainHook, make_regularizer, upgrade_tree
@@ -102,18 +102,7 @@ FUSED_CE_MIN_VOCAB = 16384
 
 
 def _fused_head(model):
-    """(base model, head) when the logits are exactly ``head(base_model(x))`` -- a plain linear head that no
-    hook watches and no config setting transforms -- else None (token_loss then runs the model itself)."""
-    from ..integrations.adapters import UnsupportedArchitecture, head_transform, lm_backbone_and_head
-
-    try:
-        body, head = lm_backbone_and_head(model)
-    except UnsupportedArchitecture:
-        return None
-    # hooks on the model or its head (second-order's input/gradient capture) would be bypassed
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (model, head)) or head_transform(model):
-        return None
-    return body, head
+    return plain_head(model)
 
 
 def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool, fused: bool | None = None):
