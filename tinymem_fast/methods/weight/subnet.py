@@ -75,7 +75,7 @@ def _run(model, inputs: UnlearnInputs, cfg: SubnetConfig, balanced: bool) -> dic
     steps = per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    rows = RowGroups(sets, cfg.loss_on_pad)
+    rows = RowGroups(sets, cfg.loss_on_pad, device)  # host inputs (the experiments') go to the model
     was_training = model.training
     model.eval()  # no dropout in the edited model; gradients still flow to the scores
     wrap = SubnetWrapping(model, cfg.ratio, score_init=cfg.score_init, seed=cfg.seed, backend=cfg.backend)
