@@ -243,3 +243,39 @@ def test_config_and_names():
         with pytest.raises(ValueError, match="no setting"):
             make_config(m, dict(rate=0.1))
         assert make_config(m, dict(ratio=0.02)).ratio == 0.02
+
+
+def test_bf16_forget_gradient_is_float32(planted):
+    """precision=bf16: the accumulated gradient is a float32 tensor per MLP parameter, close to the fp32
+    one (and not equal to it: the bf16 GEMMs ran)."""
+    base, clean, _, secret = planted["gpt2"]
+    inputs = _inputs(clean, secret)
+    _, g32, _ = forget_gradient(copy.deepcopy(base), inputs, 4, False)
+    _, g16, _ = forget_gradient(copy.deepcopy(base), inputs, 4, False, precision="bf16")
+    for a, b in zip(g32, g16, strict=True):
+        assert b.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0)
+        assert cos > 0.99, float(cos)
+    assert any(not torch.equal(a, b) for a, b in zip(g32, g16, strict=True))
+
+
+@pytest.mark.parametrize("name", ["durable", "durable_aggregate"])
+def test_bf16_durable_reduces_extraction(planted, name):
+    base, clean, _, secret = planted["gpt2"]
+    model, info = _run(name, base, clean, secret, ratio=0.1, precision="bf16")
+    e = tsu.unlearning_effect(base, model, secret, f"{name} gpt2 bf16")
+    assert e.nll_after >= e.nll_before + tsu.NLL_RISE[name], e
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    _check_untouched(model, base)
+    with pytest.raises(ValueError, match="unknown precision"):
+        make_config(get_method(name), {"precision": "half"})
+
+
+def test_non_finite_forget_loss_names_the_batch(planted):
+    base, clean, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"forget loss became non-finite \(nan\) at batch 0$"):
+        forget_gradient(model, _inputs(clean, secret), 4, False)
+    assert all(p.requires_grad for p in model.parameters()) and not model.training

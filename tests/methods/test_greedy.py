@@ -102,3 +102,41 @@ def test_greedy_runs_and_unlearns(planted, arch):
     assert f1 > f0  # forget loss ascends
     e = unlearning_effect(base, model, secret, f"greedy {arch}")
     assert e.nll_after >= e.nll_before + NLL_RISE["greedy"], e
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_bf16_greedy_unlearns(planted, arch):
+    """precision=bf16: bf16 GEMMs under autocast, float32 weights, gradients and scores; the forget loss
+    still rises by the fp32 test's margin."""
+    base, clean, _, secret = planted[arch]
+    model = copy.deepcopy(base)
+    m = get_method("greedy")
+    cfg = make_config(m, dict(ratio=2e-3, batch_size=16, weights_per_step=4, precision="bf16"))
+    info = m.run(model, _inputs(clean, secret), cfg)
+    assert info["zeroed"] >= 1 and info["iterations"] == -(-info["zeroed"] // 4)
+    e = unlearning_effect(base, model, secret, f"greedy {arch} bf16")
+    assert e.nll_after >= e.nll_before + NLL_RISE["greedy"], e
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown precision"):
+        make_config(m, {"precision": "fp16"})
+
+
+def test_repeated_rows_weighted_by_count(planted):
+    """A forget row drawn twice in a batch runs once with weight 2: the weights are y times the count
+    and add up to the batch's signed size."""
+    _, clean, _, secret = planted["gpt2"]
+    batches = GreedyBatches(_inputs(clean[:40], secret[:3]), GreedyConfig(batch_size=16, seed=1))
+    batch, w = batches.step()
+    assert batch.sizes[0] == 3 and batch.ids.shape[0] == 3 + 8      # 8 forget draws of 3 rows
+    assert float(w[:3].sum()) == 8.0 and torch.equal(w[3:], -torch.ones(8))
+
+
+def test_non_finite_objective_names_the_iteration(planted):
+    base, clean, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    msg = r"greedy objective became non-finite \(nan\) at iteration 0$"
+    with pytest.raises(FloatingPointError, match=msg):
+        greedy_unlearn(model, _inputs(clean[:32], secret), GreedyConfig(ratio=1e-4, batch_size=8))
+    assert all(p.grad is None for p in model.parameters())  # own storage back, no flat gradient left

@@ -97,3 +97,26 @@ def test_second_order_runs(planted, arch):
     m.run(model, _inputs(clean, secret), make_config(m, dict(ratio=0.05, sou_num_grads=64)))
     e = unlearning_effect(base, model, secret, f"second_order {arch}")
     assert e.nll_after >= e.nll_before + NLL_RISE["second_order"], e
+
+
+def test_bf16_second_order_runs(planted):
+    """precision=bf16: bf16 GEMMs in the gradient passes, float32 per-example gradients, float64 Fisher;
+    the planted rows' NLL rises by the fp32 test's margin."""
+    base, clean, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    m = get_method("second_order")
+    m.run(model, _inputs(clean, secret), make_config(m, dict(ratio=0.05, sou_num_grads=64, precision="bf16")))
+    e = unlearning_effect(base, model, secret, "second_order gpt2 bf16")
+    assert e.nll_after >= e.nll_before + NLL_RISE["second_order"], e
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown precision"):
+        make_config(m, {"precision": "float16"})
+
+
+def test_non_finite_forget_loss_raises(planted):
+    base, clean, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite .* at gradient pass 0; the Fisher is undefined"):
+        fisher_inverse_diagonals(model, _inputs(clean, secret), SecondOrderConfig(sou_num_grads=8))

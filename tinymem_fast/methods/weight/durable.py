@@ -13,6 +13,11 @@ Selection is by k-th value, never a full sort, and exactly ``k`` entries are cho
 aggregate, position in the concatenation of the tensors in ``mlp_parameters`` order) until ``k`` are
 taken. The aggregate finds the global k-th value by radix select over the tensors one at a time
 (``topk.top_k_masks``), so its temporaries scale with the largest MLP tensor, not with all of them.
+
+Each batch is cut to its longest content row and runs with the fused attention on a CPU
+(methods/steps.py); ``precision = "bf16"`` runs its GEMMs in bf16 under autocast, while the weights,
+the accumulated gradient and the selection stay float32. A non-finite forget loss raises
+FloatingPointError (checked every batch on a CPU, every 50 on a GPU, and before any selection).
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...integrations.adapters import mlp_parameters
+from ...integrations.mixed_precision import check_precision
 from ...ops.masked_subnet import check_ratio, num_dropped
-from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
+from ..steps import LossWatch, RowGroups, group_losses
 from .topk import top_k_masks
 
 
@@ -37,7 +43,11 @@ class DurableConfig:
     batch_size: int = 64
     loss_on_pad: bool = False
     seed: int = 0              # unused: the method is deterministic; kept for a uniform interface
+    precision: str = "fp32"    # fp32 | bf16 (bf16 GEMMs; float32 weights, gradient and selection)
     progress: bool = False
+
+    def __post_init__(self):
+        check_precision(self.precision)
 
 
 def top_k_mask(key: Tensor, k: int) -> Tensor:
@@ -63,14 +73,18 @@ def top_k_mask(key: Tensor, k: int) -> Tensor:
 
 
 def forget_gradient(model, inputs: UnlearnInputs, batch_size: int, loss_on_pad: bool,
-                    progress: bool = False) -> tuple[list[tuple[str, torch.nn.Parameter]], list[Tensor], int]:
+                    progress: bool = False, precision: str = "fp32",
+                    ) -> tuple[list[tuple[str, torch.nn.Parameter]], list[Tensor], int]:
     """float32 gradient of the forget loss w.r.t. every MLP parameter, and the number of batches.
 
     The loss is the mean per-sequence CE of each batch, summed over batches. ``.grad`` is never
     touched (``torch.autograd.grad``); requires_grad flags and the train/eval mode are restored.
+    ``precision``: of the forward/backward GEMMs (``bf16`` under autocast; the parameters stay float32,
+    so their gradients are float32 tensors).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_precision(precision)
     params = mlp_parameters(model)
     device = next(model.parameters()).device
     flags = [p.requires_grad for p in model.parameters()]
@@ -78,21 +92,21 @@ def forget_gradient(model, inputs: UnlearnInputs, batch_size: int, loss_on_pad: 
     grads = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
     n = inputs.forget_ids.shape[0]
     batches = range(0, n, batch_size)
+    rows = RowGroups([(inputs.forget_ids, inputs.forget_pad)], loss_on_pad, device)
+    watch = LossWatch(device, what="forget loss", unit="batch", hint="")
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)
-        for i in tqdm(batches, desc="durable gradient", disable=not progress):
-            ids = inputs.forget_ids[i: i + batch_size].to(device)
-            pad = inputs.forget_pad[i: i + batch_size].to(device)
-            seq, _ = token_loss(model, ids, pad, loss_on_pad)
-            loss = seq.mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"forget loss is {loss.item()} in batch starting at row {i}")
+        for b, i in enumerate(tqdm(batches, desc="durable gradient", disable=not progress)):
+            batch = rows.batch([torch.arange(i, min(n, i + batch_size))])
+            loss = group_losses(model, batch, loss_on_pad, precision)[0]
+            watch.add(b, loss)
             gs = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
             for acc, g in zip(grads, gs, strict=True):
                 if g is not None:
                     acc.add_(g.float())
+        watch.check(len(batches) - 1)
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
@@ -120,7 +134,8 @@ def _finish(model, info: dict) -> dict:
 def run_durable(model, inputs: UnlearnInputs, cfg: DurableConfig) -> dict:
     check_ratio(cfg.ratio)
     t0 = time.perf_counter()
-    params, grads, passes = forget_gradient(model, inputs, cfg.batch_size, cfg.loss_on_pad, cfg.progress)
+    params, grads, passes = forget_gradient(model, inputs, cfg.batch_size, cfg.loss_on_pad, cfg.progress,
+                                            cfg.precision)
     masks = []
     for g in grads:
         k = num_dropped(g.numel(), cfg.ratio)
@@ -133,7 +148,8 @@ def run_durable(model, inputs: UnlearnInputs, cfg: DurableConfig) -> dict:
 def run_durable_aggregate(model, inputs: UnlearnInputs, cfg: DurableConfig) -> dict:
     check_ratio(cfg.ratio)
     t0 = time.perf_counter()
-    params, grads, passes = forget_gradient(model, inputs, cfg.batch_size, cfg.loss_on_pad, cfg.progress)
+    params, grads, passes = forget_gradient(model, inputs, cfg.batch_size, cfg.loss_on_pad, cfg.progress,
+                                            cfg.precision)
     for g in grads:       # our own float32 accumulators: |grad| in place, no copy
         g.abs_()
     k = num_dropped(sum(g.numel() for g in grads), cfg.ratio)

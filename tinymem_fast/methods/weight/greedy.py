@@ -14,6 +14,12 @@ duration of the method, so scoring and selection are one multiply and one argmax
 iteration -- no host-side scan over tensors (the reference re-scanned every tensor on the host for each
 zeroed weight). Parameters get their own storage back at the end.
 
+A step's rows run as one forward pass (methods/steps.py): cut to the batch's longest content row, a row
+drawn twice (a forget set smaller than half a batch) computed once and weighted by its count, the fused
+attention on a CPU. ``precision = "bf16"`` runs the GEMMs in bf16 under autocast; weights, their
+gradients and the scores ``w * dJ/dw`` stay float32. A non-finite objective raises FloatingPointError
+(checked every iteration on a CPU, every 50 on a GPU, and at the end).
+
 Sampling: by default each batch holds ``batch_size // 2`` forget and ``batch_size - batch_size // 2``
 retain rows, each side reshuffled and cycled on its own. ``sampling = "mixed"`` reproduces the reference:
 one shuffled loader over forget + retain, where most TinyMem batches hold no forget row at all.
@@ -27,10 +33,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ...integrations.mixed_precision import check_precision
 from ...ops.masked_subnet import check_ratio, num_dropped
-from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
 from ..sampling import Cycler
+from ..steps import LossWatch, RowGroups, row_losses, to_device
 
 
 @dataclass
@@ -41,9 +48,11 @@ class GreedyConfig:
     sampling: str = "balanced"      # or "mixed" (the reference's single shuffled loader)
     loss_on_pad: bool = False
     seed: int = 0
+    precision: str = "fp32"         # fp32 | bf16 (bf16 GEMMs; float32 weights, gradients and scores)
     progress: bool = False
 
     def __post_init__(self):
+        check_precision(self.precision)
         if self.sampling not in ("balanced", "mixed"):
             raise ValueError(f"sampling must be 'balanced' or 'mixed', got {self.sampling!r}")
         if self.batch_size < 2 and self.sampling == "balanced":
@@ -53,9 +62,11 @@ class GreedyConfig:
 
 
 class GreedyBatches:
-    """Yields (ids, pad, y) batches: y = +1 for forget rows, -1 for retain rows."""
+    """Yields (ids, pad, y) batches: y = +1 for forget rows, -1 for retain rows. :meth:`step` draws the
+    same rows as :meth:`next` as a :class:`~tinymem_fast.methods.steps.Batch` with a weight per row."""
 
-    def __init__(self, inputs: UnlearnInputs, cfg: GreedyConfig):
+    def __init__(self, inputs: UnlearnInputs, cfg: GreedyConfig, device: torch.device | None = None):
+        """``device``: where :meth:`step` puts its batches (the model's); None: the inputs' own."""
         self.inputs, self.cfg = inputs, cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         nf, nr = inputs.forget_ids.shape[0], inputs.retain_ids.shape[0]
@@ -67,16 +78,34 @@ class GreedyBatches:
         self.nf = nf
         if cfg.sampling == "balanced":
             self.f, self.r = Cycler(nf, gen), Cycler(nr, gen)
+            sets = [(inputs.forget_ids, inputs.forget_pad), (inputs.retain_ids, inputs.retain_pad)]
         else:
             self.all = Cycler(nf + nr, gen)
+            sets = [(self.ids, self.pad)]
+        self.rows = RowGroups(sets, cfg.loss_on_pad, device)
 
-    def next(self):
+    def _picks(self) -> list[torch.Tensor]:
         b = self.cfg.batch_size
         if self.cfg.sampling == "balanced":
-            idx = torch.cat([self.f.take(b // 2), self.nf + self.r.take(b - b // 2)])
-        else:
-            idx = self.all.take(b)
+            return [self.f.take(b // 2), self.r.take(b - b // 2)]
+        return [self.all.take(b)]
+
+    def next(self):
+        picks = self._picks()
+        idx = torch.cat([picks[0], self.nf + picks[1]]) if len(picks) == 2 else picks[0]
         return self.ids[idx], self.pad[idx], self.y[idx]
+
+    def step(self):
+        """The next batch's rows in one :class:`~tinymem_fast.methods.steps.Batch` (a row drawn twice
+        appears once) and each row's ``y`` times the times it was drawn, on the batch's device."""
+        batch = self.rows.batch(self._picks())
+        if len(batch.rows) == 2:
+            y = [torch.full((r.numel(),), s) for r, s in zip(batch.rows, (1.0, -1.0), strict=True)]
+        else:
+            y = [self.y[batch.rows[0]]]
+        dev = batch.ids.device
+        return batch, torch.cat([to_device(yg, dev) * (1 if c is None else c)
+                                 for yg, c in zip(y, batch.counts, strict=True)])
 
 
 class FlatParameters:
@@ -108,8 +137,9 @@ class FlatParameters:
 
 def greedy_unlearn(model, inputs: UnlearnInputs, cfg: GreedyConfig) -> dict:
     check_ratio(cfg.ratio)
-    batches = GreedyBatches(inputs, cfg)
+    check_precision(cfg.precision)
     device = next(model.parameters()).device
+    batches = GreedyBatches(inputs, cfg, device)
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
     model.eval()
@@ -119,14 +149,13 @@ def greedy_unlearn(model, inputs: UnlearnInputs, cfg: GreedyConfig) -> dict:
     target = num_dropped(flat.flat.numel(), cfg.ratio)
     zeroed = iters = 0
     effective = torch.zeros((), dtype=torch.long, device=device)  # picks that were not already 0
+    watch = LossWatch(device, what="greedy objective", unit="iteration", hint="")
     bar = tqdm(total=target, desc="greedy", disable=not cfg.progress)
     try:
         while zeroed < target:
-            ids, pad, y = batches.next()
-            seq, _ = token_loss(model, ids.to(device), pad.to(device), cfg.loss_on_pad)
-            loss = -(y.to(device, seq.dtype) * seq).sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"greedy objective is {loss.item()} at iteration {iters}")
+            batch, w = batches.step()
+            loss = -(w * row_losses(model, batch, cfg.loss_on_pad, cfg.precision)).sum()
+            watch.add(iters, loss)
             flat.grad.zero_()
             loss.backward()  # accumulates in place into the flat gradient buffer
             with torch.no_grad():
@@ -138,6 +167,7 @@ def greedy_unlearn(model, inputs: UnlearnInputs, cfg: GreedyConfig) -> dict:
             zeroed += m
             iters += 1
             bar.update(m)
+        watch.check(iters - 1)
     finally:
         bar.close()
         flat.restore()

@@ -18,7 +18,12 @@ including embeddings):
   weight ``c`` (the same matrix, without recomputing identical gradients);
 * the block Fishers are accumulated with one batched outer product and inverted together in float64
   (``damping`` is tiny, so the blocks are nearly singular when there are fewer distinct gradients than
-  the block size; float64 keeps ``[F^-1]_ii`` accurate), giving the same matrix the rank-1 route builds.
+  the block size; float64 keeps ``[F^-1]_ii`` accurate), giving the same matrix the rank-1 route builds;
+* the passes run with the fused attention on a CPU and, with ``precision = "bf16"``, bf16 GEMMs under
+  autocast (the per-example gradients are formed in float32 from the hooked activations and output
+  gradients); the block sums stay on the model's device until the inversion, so a pass waits for no
+  read-back. A non-finite forget loss raises FloatingPointError (checked every pass on a CPU, every 50
+  on a GPU, and before the inversion).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ...integrations.adapters import mlp_layers
+from ...integrations.mixed_precision import autocast, check_precision
 from ...ops.masked_subnet import check_ratio, layout_of, num_dropped
 from ...tinymem.training import token_loss
 from ..registry import UnlearnInputs, register
+from ..steps import LossWatch, to_device
 from .durable import top_k_mask
 
 
@@ -48,9 +55,11 @@ class SecondOrderConfig:
     batch_size: int = 32          # rows per batched per-example-gradient pass
     loss_on_pad: bool = False
     seed: int = 0                 # unused (deterministic); kept for a uniform method interface
+    precision: str = "fp32"       # fp32 | bf16 (bf16 GEMMs; float32 gradients, float64 Fisher)
     progress: bool = False
 
     def __post_init__(self):
+        check_precision(self.precision)
         for name in ("sou_block_size", "sou_num_grads", "sou_grad_batch", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -128,7 +137,8 @@ def _blocks(flat: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 def fisher_inverse_diagonals(model, inputs: UnlearnInputs,
                              cfg: SecondOrderConfig) -> tuple[list[Tensor], list[Tensor]]:
-    """The MLP tensors covered and, per tensor, ``diag(F^-1)`` (float64, the tensor's shape)."""
+    """The MLP tensors covered and, per tensor, ``diag(F^-1)`` (float64, the tensor's shape, on the CPU)."""
+    check_precision(cfg.precision)
     device = next(model.parameters()).device
     groups, weights = gradient_groups(inputs.forget_ids.shape[0], cfg.sou_num_grads, cfg.sou_grad_batch)
     was_training = model.training
@@ -141,36 +151,40 @@ def fisher_inverse_diagonals(model, inputs: UnlearnInputs,
     for t in tensors:
         t.requires_grad_(True)
     bsz = cfg.sou_block_size
-    acc_full = [torch.zeros(t.numel() // bsz, bsz, bsz, dtype=torch.float64) for t in tensors]
-    acc_tail = [torch.zeros(1, t.numel() % bsz, t.numel() % bsz, dtype=torch.float64) for t in tensors]
+    f64 = dict(dtype=torch.float64, device=device)
+    acc_full = [torch.zeros(t.numel() // bsz, bsz, bsz, **f64) for t in tensors]
+    acc_tail = [torch.zeros(1, t.numel() % bsz, t.numel() % bsz, **f64) for t in tensors]
     per_pass = max(1, cfg.batch_size // cfg.sou_grad_batch)
+    watch = LossWatch(device, what="forget loss", unit="gradient pass", hint="the Fisher is undefined")
+    chunks = range(0, len(groups), per_pass)
+    f_ids, f_pad = inputs.forget_ids.to(device), inputs.forget_pad.to(device)
     try:
         with hooks, torch.enable_grad():
-            chunks = range(0, len(groups), per_pass)
-            for c in tqdm(chunks, desc="second-order fisher", disable=not cfg.progress):
+            for ci, c in enumerate(tqdm(chunks, desc="second-order fisher", disable=not cfg.progress)):
                 grp = groups[c: c + per_pass]
                 rows = torch.cat(grp)
-                ids = inputs.forget_ids[rows].to(device)
-                pad = inputs.forget_pad[rows].to(device)
-                seq, _ = token_loss(model, ids, pad, cfg.loss_on_pad)
-                if not bool(torch.isfinite(seq).all()):
-                    raise FloatingPointError("forget loss is not finite; the Fisher is undefined")
-                seq.sum().backward()
+                ids, pad = f_ids[to_device(rows, device)], f_pad[to_device(rows, device)]
+                with autocast(model, cfg.precision, device.type, fused_attention=True):
+                    seq, _ = token_loss(model, ids, pad, cfg.loss_on_pad)
+                total = seq.float().sum()
+                watch.add(ci, total)
+                total.backward()
                 # group gradient = mean of its rows' gradients
                 sizes = torch.tensor([g.numel() for g in grp])
                 owner = torch.repeat_interleave(torch.arange(len(grp)), sizes)
                 avg = torch.zeros(len(grp), rows.numel(), dtype=torch.float64)
                 avg[owner, torch.arange(rows.numel())] = 1.0 / sizes[owner].double()
-                w = weights[c: c + per_pass]
+                avg = to_device(avg, device)
+                wd = to_device(weights[c: c + per_pass], device)[:, None, None]
                 for ti, g in enumerate(hooks.collect()):
-                    gg = avg.to(device) @ g.reshape(g.shape[0], -1).double()
+                    gg = avg @ g.reshape(g.shape[0], -1).double()
                     full, tail = _blocks(gg, bsz)
-                    wd = w.to(device)[:, None, None]
-                    acc_full[ti] += torch.einsum("gnk,gnl->nkl", full * wd, full).cpu()
+                    acc_full[ti] += torch.einsum("gnk,gnl->nkl", full * wd, full)
                     if tail.shape[-1]:
-                        acc_tail[ti] += torch.einsum("gnk,gnl->nkl", tail * wd, tail).cpu()
+                        acc_tail[ti] += torch.einsum("gnk,gnl->nkl", tail * wd, tail)
                 for t in tensors:
                     t.grad = None
+            watch.check(len(chunks) - 1)
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
@@ -180,7 +194,7 @@ def fisher_inverse_diagonals(model, inputs: UnlearnInputs,
     diags = []
     for t, full, tail in zip(tensors, acc_full, acc_tail, strict=True):
         parts = []
-        for blk in (full, tail):
+        for blk in (full.cpu(), tail.cpu()):
             if blk.shape[-1] == 0 or blk.shape[0] == 0:
                 continue
             eye = torch.eye(blk.shape[-1], dtype=torch.float64)
