@@ -162,3 +162,22 @@ def test_hard_concrete_runs_and_ablates(planted, arch):
     assert info["ablated"] > 0 and info["steps"] >= 1
     e = unlearning_effect(base, model, secret, f"hard_concrete {arch}")
     assert e.nll_after >= e.nll_before + NLL_RISE["hard_concrete"], e
+
+
+def test_bf16_hard_concrete_ablates(planted):
+    """precision=bf16: bf16 GEMMs under autocast, float32 log-alphas and Adam state; the same steps as
+    fp32 and the planted rows' NLL rises by the fp32 test's margin."""
+    base, _, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    m = get_method("hard_concrete")
+    info = m.run(model, _inputs(secret), make_config(m, dict(ratio=0.2, epochs=10, batch_size=6,
+                                                             precision="bf16")))
+    assert info["ablated"] > 0 and info["steps"] >= 1
+    e = unlearning_effect(base, model, secret, "hard_concrete gpt2 bf16")
+    assert e.nll_after >= e.nll_before + NLL_RISE["hard_concrete"], e
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    gates, _ = hard_concrete_gates(copy.deepcopy(base), _inputs(secret),
+                                   HardConcreteConfig(epochs=2, batch_size=6, precision="bf16"))
+    assert gates.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown precision"):
+        make_config(m, {"precision": "fp16"})

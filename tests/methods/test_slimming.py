@@ -77,3 +77,32 @@ def test_slimming_runs_and_ablates(planted, arch):
     assert info["ablated"] > 0 and info["steps"] >= 1
     e = unlearning_effect(base, model, secret, f"slimming {arch}")
     assert e.nll_after >= e.nll_before + NLL_RISE["slimming"], e
+
+
+def test_bf16_slimming_ablates(planted):
+    """precision=bf16: bf16 GEMMs under autocast, float32 coefficients and Adam state; the same steps
+    as fp32 and the planted rows' NLL rises by the fp32 test's margin."""
+    base, _, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    m = get_method("slim")
+    info = m.run(model, _inputs(secret), make_config(m, dict(ratio=0.2, epochs=10, batch_size=6,
+                                                             precision="bf16")))
+    assert info["ablated"] > 0 and info["steps"] == 10
+    e = unlearning_effect(base, model, secret, "slimming gpt2 bf16")
+    assert e.nll_after >= e.nll_before + NLL_RISE["slimming"], e
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    coef, _ = slimming_coefficients(copy.deepcopy(base), _inputs(secret),
+                                    SlimmingConfig(epochs=2, batch_size=6, precision="bf16"))
+    assert coef.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown precision"):
+        make_config(m, {"precision": "fp8"})
+
+
+def test_non_finite_loss_raises(planted):
+    base, _, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"slimming loss became non-finite \(nan\) at step 0"):
+        slimming_coefficients(model, _inputs(secret), SlimmingConfig(epochs=2, batch_size=6))
+    assert all(p.requires_grad for p in model.parameters())

@@ -59,3 +59,21 @@ def test_zero_out_reduces_extraction(planted, arch):
     e = unlearning_effect(base, model, secret, f"zero_out {arch}")
     assert e.extracted_after <= MAX_LEFT["zero_out"], e
     assert e.nll_after >= e.nll_before + NLL_RISE["zero_out"], e
+
+
+def test_bf16_zero_out_reduces_extraction(planted):
+    """precision=bf16: bf16 GEMMs under autocast (baseline and removals alike), float32 losses; the
+    fp32 test's bounds hold."""
+    base, _, _, secret = planted["gpt2"]
+    model = copy.deepcopy(base)
+    m = get_method("zero")
+    info = m.run(model, _inputs(secret), make_config(m, dict(ratio=0.2, precision="bf16")))
+    assert info["ablated"] > 0
+    e = unlearning_effect(base, model, secret, "zero_out gpt2 bf16")
+    assert e.extracted_after <= MAX_LEFT["zero_out"], e
+    assert e.nll_after >= e.nll_before + NLL_RISE["zero_out"], e
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    attribution = zero_out_attribution(copy.deepcopy(base), _inputs(secret), ZeroOutConfig(precision="bf16"))
+    assert attribution.dtype == torch.float32 and attribution.device.type == "cpu"
+    with pytest.raises(ValueError, match="unknown precision"):
+        make_config(m, {"precision": "fp16"})

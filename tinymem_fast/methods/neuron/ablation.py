@@ -25,8 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...integrations.adapters import MLPLayer, mlp_layers
+from ...integrations.mixed_precision import check_precision
 from ...ops.masked_subnet import layout_of, num_dropped
-from ...tinymem.training import token_loss
+from ..steps import LossWatch, RowGroups, group_losses
 
 
 def top_neurons(attribution: Tensor, ratio: float) -> dict[int, Tensor]:
@@ -121,10 +122,16 @@ def fit_neuron_gates(model, forget_ids: Tensor, forget_pad: Tensor, param: Tenso
                      gates: Callable[[], Tensor], penalty: Callable[[], Tensor], *, weight: float,
                      epochs: int, batch_size: int, lr: float, stop_loss: float, loss_on_pad: bool,
                      desc: str, stop_rule: str = "reference_epochs", check_every: int = 1,
-                     progress: bool = False) -> GateFit:
+                     progress: bool = False, precision: str = "fp32") -> GateFit:
     """Fit per-neuron gates on the frozen model (Slimming, Hard Concrete): each step multiplies every
     MLP activation by ``gates()`` (``[n_layer, I]``) and minimises ``L_F + weight * penalty()`` with Adam
     on ``param`` alone; gradients are zeroed every step. The model's requires_grad flags are restored.
+
+    Each batch is cut to its longest content row and runs with the fused attention on a CPU
+    (methods/steps.py); ``precision = "bf16"`` runs the model's GEMMs in bf16 under autocast (the gates
+    are applied in the activations' dtype; ``param``, its gradient and Adam's state stay float32). A
+    non-finite loss raises FloatingPointError (checked every step on a CPU, every 50 on a GPU, and at
+    the end).
 
     ``stop_rule`` (SPEC 5.4):
 
@@ -138,6 +145,7 @@ def fit_neuron_gates(model, forget_ids: Tensor, forget_pad: Tensor, param: Tenso
     if batch_size < 1 or epochs < 1 or check_every < 1:
         raise ValueError("batch_size, epochs and check_every must be >= 1")
     check_stop_rule(stop_rule)
+    check_precision(precision)
     device = next(model.parameters()).device
     opt = torch.optim.Adam([param], lr=lr)
     flags = [p.requires_grad for p in model.parameters()]
@@ -149,6 +157,8 @@ def fit_neuron_gates(model, forget_ids: Tensor, forget_pad: Tensor, param: Tenso
         return act * cur["z"][index].to(act.dtype)
 
     n = forget_ids.shape[0]
+    rows = RowGroups([(forget_ids, forget_pad)], loss_on_pad, device)
+    watch = LossWatch(device, what=f"{desc} loss")
     steps = 0
     cut: list[int] = []
     bar = tqdm(total=epochs * math.ceil(n / batch_size), desc=desc, disable=not progress)
@@ -163,17 +173,19 @@ def fit_neuron_gates(model, forget_ids: Tensor, forget_pad: Tensor, param: Tenso
                     if below and stop_rule == "reference_epochs":
                         cut.append(epoch)
                         break
-                    x = forget_ids[lo: lo + batch_size].to(device)
-                    pad = forget_pad[lo: lo + batch_size].to(device)
+                    batch = rows.batch([torch.arange(lo, min(n, lo + batch_size))])
                     cur["z"] = gates()
-                    loss = token_loss(model, x, pad, loss_on_pad)[0].mean() + weight * pen
+                    loss = group_losses(model, batch, loss_on_pad, precision)[0] + weight * pen
+                    watch.add(steps, loss)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     steps += 1
                     bar.update()
                     if below:
+                        watch.check(steps - 1)
                         return GateFit(steps, (epoch,))
+        watch.check(steps - 1)
     finally:
         bar.close()
         for p, f in zip(model.parameters(), flags, strict=True):

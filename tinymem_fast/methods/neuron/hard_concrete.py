@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from ...integrations.adapters import mlp_layers
+from ...integrations.mixed_precision import check_precision
 from ...ops.masked_subnet import check_ratio
 from ..registry import UnlearnInputs, register
+from ..steps import to_device
 from .ablation import GateFit, ablate_neurons, check_stop_rule, fit_neuron_gates, top_neurons
 
 # the reference compares the penalty with stop_loss only in epochs (i + 1) % 10 == 0
@@ -47,10 +49,12 @@ class HardConcreteConfig:
     batch_size: int = 32
     loss_on_pad: bool = False
     seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (bf16 GEMMs; float32 gates, gradients and Adam state)
     progress: bool = False
 
     def __post_init__(self):
         check_stop_rule(self.stop_rule)
+        check_precision(self.precision)
         if not 0.0 < self.hc_init_p < 1.0:
             raise ValueError(f"hc_init_p must be in (0, 1), got {self.hc_init_p}")
         if not (self.hc_l < 0.0 < 1.0 < self.hc_r):
@@ -62,7 +66,8 @@ class HardConcreteConfig:
 
 def sample_gate(log_alpha: torch.Tensor, cfg: HardConcreteConfig, gen: torch.Generator) -> torch.Tensor:
     """One stretched, clipped Hard Concrete sample per gate (differentiable in ``log_alpha``)."""
-    u = torch.rand(log_alpha.shape, generator=gen, device=gen.device).to(log_alpha.device)
+    u = torch.rand(log_alpha.shape, generator=gen, device=gen.device)
+    u = to_device(u, log_alpha.device)  # a blocking host -> device copy would wait for the queue
     u = u.clamp(1e-6, 1 - 1e-6)  # log(0) would make the sample NaN
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / cfg.hc_beta)
     return (s * (cfg.hc_r - cfg.hc_l) + cfg.hc_l).clamp(0.0, 1.0)
@@ -90,7 +95,8 @@ def hard_concrete_gates(model, inputs: UnlearnInputs,
                            lambda: sample_gate(log_alpha, cfg, gen), lambda: l0_penalty(log_alpha, cfg),
                            weight=cfg.l0_lambda, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                            stop_loss=cfg.stop_loss, stop_rule=cfg.stop_rule, check_every=STOP_CHECK_EVERY,
-                           loss_on_pad=cfg.loss_on_pad, desc="hard concrete", progress=cfg.progress)
+                           loss_on_pad=cfg.loss_on_pad, precision=cfg.precision, desc="hard concrete",
+                           progress=cfg.progress)
     return torch.sigmoid(log_alpha.detach()).cpu(), fit
 
 

@@ -13,6 +13,10 @@ Batching (the reference ran one forward/backward per (row, layer, position, step
 needed. All replicas that share ``t`` -- every row, every layer and every step -- run as one batch; the
 MLP hook scales, in each layer, only the replicas assigned to that layer. The result equals the
 one-at-a-time loop (tested). ``ig_steps`` is honoured (the reference hard-coded 20).
+
+The passes run with the fused attention on a CPU; ``precision = "bf16"`` runs their GEMMs in bf16 under
+autocast, the scaled activations are float32 leaves (cast to the activations' dtype in the model), and
+the attribution sums are float64 on the model's device, read back once at the end.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ...integrations.adapters import mlp_layers
+from ...integrations.mixed_precision import autocast, check_precision
 from ...ops.masked_subnet import check_ratio
 from ..registry import UnlearnInputs, register
+from ..steps import to_device
 from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
 
 
@@ -36,9 +42,11 @@ class IntegratedGradientsConfig:
     ig_steps: int = 20
     batch_size: int = 512     # replicas (row x layer x step) per forward/backward
     seed: int = 0             # unused (deterministic); kept for a uniform method interface
+    precision: str = "fp32"   # fp32 | bf16 (bf16 GEMMs; float32 scaled activations and gradients)
     progress: bool = False
 
     def __post_init__(self):
+        check_precision(self.precision)
         if self.ig_steps < 1:
             raise ValueError(f"ig_steps must be >= 1, got {self.ig_steps}")
         if self.batch_size < 1:
@@ -64,6 +72,7 @@ def _last_logits(model, x: torch.Tensor) -> torch.Tensor:
 
 def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig) -> torch.Tensor:
     """``[n_layer, I]`` mean integrated gradients of p(next token) per MLP neuron (float32, CPU)."""
+    check_precision(cfg.precision)
     device = next(model.parameters()).device
     layers = mlp_layers(model)
     n_layer, width = len(layers), layers[0].intermediate_size
@@ -74,7 +83,9 @@ def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig)
         raise ValueError("no forget row has a target position (window start beyond its last token?)")
     steps = cfg.ig_steps
     alphas = torch.linspace(0.0, 1.0, steps)
-    total = torch.zeros(n_layer, width, dtype=torch.float64)
+    total = torch.zeros(n_layer, width, dtype=torch.float64, device=device)
+    inv_npos = to_device(1.0 / npos.double(), device)  # each row's position mean
+    ids_dev = ids.to(device)
     state: dict = {}
 
     def scale(li, act):
@@ -82,11 +93,11 @@ def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig)
         if sel is None:
             return None
         rows, t = sel, state["t"]
-        base = act[rows, t].detach()
-        scaled = (base * state["alpha"][rows, None].to(act.dtype)).requires_grad_(True)
+        base = act[rows, t].detach().float()
+        scaled = (base * state["alpha"][rows, None]).requires_grad_(True)  # float32 leaf, float32 grad
         state["leaves"][li] = (base, scaled, rows)
         out = act.clone()
-        out[rows, t] = scaled
+        out[rows, t] = scaled.to(act.dtype)
         return out
 
     flags = [p.requires_grad for p in model.parameters()]
@@ -107,24 +118,27 @@ def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig)
                 alp = alphas.repeat(rows_ex.numel() * n_layer)
                 for c in range(0, ex.numel(), cfg.batch_size):
                     e, la = ex[c: c + cfg.batch_size], lay[c: c + cfg.batch_size]
-                    state.update(t=t, alpha=alp[c: c + cfg.batch_size].to(device), leaves={},
-                                 by_layer=[(torch.nonzero(la == li).flatten().to(device)
+                    state.update(t=t, alpha=to_device(alp[c: c + cfg.batch_size], device), leaves={},
+                                 by_layer=[(to_device(torch.nonzero(la == li).flatten(), device)
                                             if bool((la == li).any()) else None) for li in range(n_layer)])
-                    x = ids[e, : t + 1].to(device)
-                    y = ids[e, t + 1].to(device)
-                    prob = torch.softmax(_last_logits(model, x).float(), -1)
+                    e_dev = to_device(e, device)
+                    x = ids_dev[e_dev, : t + 1]
+                    y = ids_dev[e_dev, t + 1]
+                    with autocast(model, cfg.precision, device.type, fused_attention=True):
+                        logits = _last_logits(model, x)
+                    prob = torch.softmax(logits.float(), -1)
                     p_true = prob.gather(1, y[:, None]).sum()
                     leaves = [state["leaves"][li] for li in sorted(state["leaves"])]
                     grads = torch.autograd.grad(p_true, [s for _, s, _ in leaves])
-                    w_row = (1.0 / npos[e].double()).to(device)  # each row's position mean
+                    w_row = inv_npos[e_dev]
                     for (base, _, rows), g, li in zip(leaves, grads, sorted(state["leaves"]), strict=True):
                         contrib = base.double() * g.double() / steps
-                        total[li] += (contrib * w_row[rows.to(w_row.device), None]).sum(0).cpu()
+                        total[li] += (contrib * w_row[rows, None]).sum(0)
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
-    return (total / int((npos > 0).sum())).float()
+    return (total.cpu() / int((npos > 0).sum())).float()
 
 
 @register("integrated_gradients", IntegratedGradientsConfig, "neuron", aliases=("ig",))

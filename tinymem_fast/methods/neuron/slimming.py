@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ...integrations.adapters import mlp_layers
+from ...integrations.mixed_precision import check_precision
 from ..registry import UnlearnInputs, register
 from .ablation import GateFit, ablate_neurons, check_stop_rule, fit_neuron_gates, top_neurons
 
@@ -36,10 +37,12 @@ class SlimmingConfig:
     batch_size: int = 32
     loss_on_pad: bool = False
     seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (bf16 GEMMs; float32 gates, gradients and Adam state)
     progress: bool = False
 
     def __post_init__(self):
         check_stop_rule(self.stop_rule)
+        check_precision(self.precision)
 
 
 def slimming_coefficients(model, inputs: UnlearnInputs, cfg: SlimmingConfig) -> tuple[torch.Tensor, GateFit]:
@@ -51,7 +54,8 @@ def slimming_coefficients(model, inputs: UnlearnInputs, cfg: SlimmingConfig) -> 
                            lambda: coef.abs().mean(), weight=cfg.l1_lambda, epochs=cfg.epochs,
                            batch_size=cfg.batch_size, lr=cfg.lr, stop_loss=cfg.stop_loss,
                            stop_rule=cfg.stop_rule, check_every=STOP_CHECK_EVERY,
-                           loss_on_pad=cfg.loss_on_pad, desc="slimming", progress=cfg.progress)
+                           loss_on_pad=cfg.loss_on_pad, precision=cfg.precision, desc="slimming",
+                           progress=cfg.progress)
     return coef.detach().clamp(0, 1).cpu(), fit
 
 

@@ -6,7 +6,10 @@ activation to zero and leaves every other neuron alone. (The reference's patch v
 single one, i.e. it KEPT only neuron i; ``compat_inverted_mask`` reproduces that for comparison only.)
 
 Neurons are scored many at a time: the forget rows are replicated once per neuron of a chunk and each
-replica has its own neuron removed, so a layer of I neurons costs I / chunk forward passes.
+replica has its own neuron removed, so a layer of I neurons costs I / chunk forward passes. The passes
+run with the fused attention on a CPU; ``precision = "bf16"`` runs their GEMMs in bf16 under autocast
+(the baseline loss too, so each difference compares like with like; the losses are float32). The
+attribution stays on the model's device until the end.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...integrations.adapters import mlp_layers
+from ...integrations.mixed_precision import autocast, check_precision
 from ..registry import UnlearnInputs, register
 from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
 from .activations import position_weights
@@ -29,7 +33,11 @@ class ZeroOutConfig:
     rows_per_pass: int = 512          # forget rows x neurons scored in one forward pass
     compat_inverted_mask: bool = False
     seed: int = 0                     # unused: deterministic; uniform interface
+    precision: str = "fp32"           # fp32 | bf16 (bf16 GEMMs; float32 losses)
     progress: bool = False
+
+    def __post_init__(self):
+        check_precision(self.precision)
 
 
 def suffix_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -49,14 +57,20 @@ def suffix_weights(ids: torch.Tensor, pad: torch.Tensor, start: torch.Tensor | N
 
 @torch.no_grad()
 def zero_out_attribution(model, inputs: UnlearnInputs, cfg: ZeroOutConfig) -> torch.Tensor:
+    check_precision(cfg.precision)
     device = next(model.parameters()).device
     ids = inputs.forget_ids.to(device)
     w = suffix_weights(inputs.forget_ids, inputs.forget_pad, inputs.forget_start).to(device)
     n = ids.shape[0]
-    base = suffix_loss(model(ids).logits, ids, w).mean()
+
+    def logits_of(x):
+        with autocast(model, cfg.precision, device.type, fused_attention=True):
+            return model(x).logits
+
+    base = suffix_loss(logits_of(ids), ids, w).mean()
     layers = mlp_layers(model)
     width = layers[0].intermediate_size
-    attribution = torch.zeros(len(layers), width)
+    attribution = torch.zeros(len(layers), width, device=device)
     chunk = max(1, cfg.rows_per_pass // n)
     state = {"layer": -1, "neurons": None}
 
@@ -67,7 +81,7 @@ def zero_out_attribution(model, inputs: UnlearnInputs, cfg: ZeroOutConfig) -> to
         c = neurons.numel()
         a = act.view(c, n, *act.shape[1:])
         keep = torch.ones(c, a.shape[-1], device=a.device, dtype=a.dtype)
-        keep[torch.arange(c), neurons] = 0
+        keep[torch.arange(c, device=a.device), neurons] = 0  # a host index would sync
         if cfg.compat_inverted_mask:
             keep = 1 - keep
         return (a * keep[:, None, None, :]).view_as(act)
@@ -79,10 +93,10 @@ def zero_out_attribution(model, inputs: UnlearnInputs, cfg: ZeroOutConfig) -> to
                 neurons = torch.arange(lo, min(width, lo + chunk), device=device)
                 state["neurons"] = neurons
                 c = neurons.numel()
-                logits = model(ids.repeat(c, 1)).logits
+                logits = logits_of(ids.repeat(c, 1))
                 per = suffix_loss(logits, ids.repeat(c, 1), w.repeat(c, 1)).view(c, n).mean(1)
-                attribution[layer.index, lo: lo + c] = (per - base).cpu()
-    return attribution
+                attribution[layer.index, lo: lo + c] = per - base
+    return attribution.cpu()
 
 
 @register("zero_out", ZeroOutConfig, "neuron", aliases=("zero",))
