@@ -65,7 +65,10 @@ def test_unlearn_writes_row_and_model(trained, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["method"] == "balanced_subnet" and rows[0]["n_retain"] == 300
     assert rows[0]["n_forget"] >= 1 and rows[0]["mem_before"] > 0
-    assert rows[0]["hparams"]["ratio"] == 0.1 and rows[0]["hparams"]["epochs"] == 1
+    from tinymem_fast.experiments.demo import QUICK_METHODS
+
+    want = QUICK_METHODS["balanced_subnet"]["ratio"]  # --quick-defaults, with --hp on top
+    assert rows[0]["hparams"]["ratio"] == want and rows[0]["hparams"]["epochs"] == 1
     saved = list(tmp_path.glob("model-balanced_subnet-*/model.safetensors"))
     assert len(saved) == 1
     assert (tmp_path / "results.csv").read_text().startswith("run_id,")
