@@ -27,6 +27,8 @@ def test_demo_writes_table_rows_and_plot(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(r["mem_before"] > 0 for r in lines)
     assert (tmp_path / "memorization_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # the model folder is a whole `tinymem train` run: sweeps, unlearn and finetune take it
+    assert (tmp_path / "model" / "final_metrics.json").exists() and (tmp_path / "model" / "run.json").exists()
     table = (tmp_path / "table.md").read_text()
     assert "| base |" in table and "balanced_subnet" in table
     # a second run reuses the trained model

@@ -18,7 +18,7 @@ from ..integrations.mixed_precision import resolve_precision
 from ..tinymem.data.dataset import build
 from ..tinymem.models import load_model
 from ..tinymem.presets import get_preset
-from ..tinymem.training import build_model_for, train
+from ..tinymem.training import train_run
 from .unlearning import append_row, forget_set, stats, unlearn
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,14 @@ def run_demo(out_dir: str, *, preset: str = "quick-math-noise", methods: dict | 
     fp = data.fingerprint()
     if retrain or not _model_ready(model_dir, fp):
         say(f"[1/3] training the {preset} model ({cfg.description}; {cfg.train.precision}) ...")
-        os.makedirs(model_dir, exist_ok=True)
-        with open(os.path.join(model_dir, "run.json"), "w") as f:
-            json.dump({"preset": preset, "config": cfg.to_dict(), "data_fingerprint": fp}, f, indent=1)
-        model = build_model_for(data, cfg.model, seed=cfg.seed)
-        train(model, data, cfg.train, model_dir, seed=cfg.seed, resume=not retrain, progress=progress)
+        # a whole `tinymem train` run folder (run.json, checkpoints, final_metrics.json): `tinymem sweep`,
+        # `unlearn` and `finetune` take it as it is; a partial run of other settings is started over
+        info = os.path.join(model_dir, "run.json")
+        same = False
+        if os.path.exists(info):
+            with open(info) as f:
+                same = json.load(f).get("config") == cfg.to_dict()
+        train_run(cfg, model_dir, preset=preset, resume=same and not retrain, progress=progress)
     else:
         with open(os.path.join(model_dir, "run.json")) as f:
             trained = json.load(f).get("config", {}).get("train", {}).get("precision", "fp32")
