@@ -50,3 +50,14 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
         assert mp.resolve_precision("auto", "cpu") == want
     with pytest.raises(ValueError, match="unknown precision"):
         mp.resolve_precision("fp8")
+
+
+def test_info_says_what_auto_precision_picks(monkeypatch):
+    import torch
+
+    from tinymem_fast.cli.info import collect, format_report
+
+    for native, want in ((True, "runs bf16 on this CPU"), (False, "runs fp32 on this CPU")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        info = collect()
+        assert want in info["precision auto"] and want in format_report(info)

@@ -33,6 +33,14 @@ def _cpu_isa_line() -> str:
     return line + ")"
 
 
+def _auto_precision_line() -> str:
+    from ..integrations.mixed_precision import native_bf16, resolve_precision
+
+    cpu = resolve_precision("auto", "cpu")
+    why = "it has AVX512-BF16/AMX" if native_bf16("cpu") else "no native bf16 here: bf16 would be slower"
+    return f"demo/sweep --precision auto runs {cpu} on this CPU ({why}), bf16 on a GPU"
+
+
 def collect() -> dict:
     ext = registry.ext_status()
     cuda_ok = torch.cuda.is_available()
@@ -68,6 +76,7 @@ def collect() -> dict:
         if ext["loaded"] else f"not loaded: {ext['reason']}",
         "extension build": ext["build"],
         "cpu isa": _cpu_isa_line(),
+        "precision auto": _auto_precision_line(),
         "backends": avail,
         "default backend per op family": backends,
         "why a CPU backend does not run": why_not,
@@ -80,6 +89,7 @@ def format_report(info: dict) -> str:
         lines.append(f"  {k:<14} {v}")
     lines.append(f"  {'platform':<14} {info['platform']}")
     lines.append(f"  {'GPUs':<14} {', '.join(info['cuda devices']) or 'none'}")
+    lines.append(f"  {'bf16 (auto)':<14} {info['precision auto']}")
     lines.append("")
     lines.append(f"  compiled extension: {info['extension _C']}")
     if info["extension build"]:
