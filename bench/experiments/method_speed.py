@@ -11,7 +11,8 @@ result. Every figure is from one run of this suite, same settings for both sides
   against a reference-style implementation written here as SPEC.md describes the reference running it:
   a full sort of every score tensor on every forward, ``W * M`` materialised in every layer, forget and
   retain rows shuffled into one loader of batches of 64 whose forget-row mean is NaN when a batch has no
-  forget row (those steps run their forward and are skipped), float32.
+  forget row (those steps run their forward and are skipped), float32 (the masked layer is
+  bench.pipelines.unlearning's SortedMaskedLayer, the reference-style layer of the unlearning suite).
 
 ``BENCH_METHOD_EPOCHS`` changes the epochs (both sides).
 """
@@ -19,18 +20,16 @@ result. Every figure is from one run of this suite, same settings for both sides
 from __future__ import annotations
 
 import copy
-import math
 import os
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from bench.experiments.method_baselines import _inputs
 from bench.experiments.tinymem_quick import trained_run
 from bench.harness import Row, sync
+from bench.pipelines.unlearning import SortedMaskedLayer
 from tinymem_fast.integrations.adapters import mlp_layers
 from tinymem_fast.methods import get_method
 from tinymem_fast.methods.registry import make_config
@@ -47,44 +46,6 @@ REF = "reference-style (sort per forward, W*M, one shuffled loader), fp32"
 # --- the reference-style BalancedSubnet --------------------------------------------------------------
 
 
-class _SortMask(torch.autograd.Function):
-    """Edge-popup's GetSubnet: mask from a full sort of |S| on every call, straight-through gradient."""
-
-    @staticmethod
-    def forward(ctx, scores, ratio):
-        flat = scores.abs().flatten()
-        order = flat.sort().indices
-        mask = torch.ones_like(flat)
-        mask[order[: int(ratio * flat.numel())]] = 0
-        ctx.save_for_backward(scores)
-        return mask.view_as(scores)
-
-    @staticmethod
-    def backward(ctx, g):
-        (scores,) = ctx.saved_tensors
-        return g * torch.sign(scores), None
-
-
-class _RefMasked(nn.Module):
-    def __init__(self, base: nn.Module, ratio: float, gen: torch.Generator):
-        super().__init__()
-        self.base, self.ratio = base, ratio
-        self.conv1d = not isinstance(base, nn.Linear)
-        w = base.weight
-        fan_in = w.shape[0] if self.conv1d else w.shape[1]
-        bound = 1.0 / math.sqrt(fan_in)
-        self.scores = nn.Parameter(torch.empty(w.shape).uniform_(-bound, bound, generator=gen))
-
-    def masked(self):
-        return self.base.weight * _SortMask.apply(self.scores, self.ratio)  # W*M materialised
-
-    def forward(self, x):
-        w = self.masked()
-        if self.conv1d:
-            return x @ w + self.base.bias
-        return F.linear(x, w, self.base.bias)
-
-
 def reference_balanced_subnet(model, forget_ids, forget_pad, retain_ids, retain_pad, *, epochs: int,
                               ratio: float, lr: float, loss_weight: float, batch_size: int, seed: int = 0):
     for p in model.parameters():
@@ -93,7 +54,7 @@ def reference_balanced_subnet(model, forget_ids, forget_pad, retain_ids, retain_
     wrapped = []
     for layer in mlp_layers(model):
         for name, mod in layer.matrices().items():
-            m = _RefMasked(mod, ratio, gen)
+            m = SortedMaskedLayer(mod, ratio, gen)  # full sort of |S| and W*M on every forward
             setattr(layer.mlp, name, m)
             wrapped.append((layer.mlp, name, m))
     opt = torch.optim.SGD([m.scores for *_, m in wrapped], lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -117,10 +78,8 @@ def reference_balanced_subnet(model, forget_ids, forget_pad, retain_ids, retain_
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        for parent, name, m in wrapped:
-            m.base.weight.copy_(m.masked())
-            setattr(parent, name, m.base)
+    for parent, name, m in wrapped:
+        setattr(parent, name, m.fold())
     for p in model.parameters():
         p.requires_grad_(True)
     return steps, skipped

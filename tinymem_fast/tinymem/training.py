@@ -101,10 +101,6 @@ def build_model_for(data, model_cfg, seed: int = 0):
 FUSED_CE_MIN_VOCAB = 16384
 
 
-def _fused_head(model):
-    return plain_head(model)
-
-
 def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool, fused: bool | None = None):
     """Per-sequence mean CE over counted targets, plus the counts (pads skipped unless loss_on_pad).
 
@@ -115,7 +111,7 @@ def token_loss(model, x: torch.Tensor, pad: torch.Tensor, loss_on_pad: bool, fus
     """
     tgt = x[:, 1:]
     counted = torch.ones_like(tgt, dtype=torch.bool) if loss_on_pad else ~pad[:, 1:]
-    parts = _fused_head(model) if fused is not False else None
+    parts = plain_head(model) if fused is not False else None
     if fused and parts is None:
         raise ValueError(f"token_loss(fused=True): {type(model).__name__} has no plain linear LM head over "
                          "its base model (or a hook/logit transform on it); use fused=None or False")
