@@ -14,7 +14,14 @@ result. Every figure is from one run of this suite, same settings for both sides
   forget row (those steps run their forward and are skipped), float32 (the masked layer is
   bench.pipelines.unlearning's SortedMaskedLayer, the reference-style layer of the unlearning suite).
 
-``BENCH_METHOD_EPOCHS`` changes the epochs (both sides).
+* **Integrated Gradients** (ratio 0.05, 20 steps): ours (every replica of a row a one-token branch off
+  its clean prefix, one pass per row), fp32 and bf16, against the reference's loop with its alpha steps
+  batched (SPEC.md permits it): one forward/backward of the ``ig_steps`` scaled copies of ``ids[:t + 1]``
+  per (forget row, layer, position), fp32. Same attribution (relative difference reported), same
+  neurons ablated.
+
+``BENCH_METHOD_EPOCHS`` changes BalancedSubnet's epochs (both sides); ``BENCH_METHODS`` picks cases
+(``balanced_subnet,integrated_gradients``, the default).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 
 from bench.experiments.method_baselines import _inputs
 from bench.experiments.tinymem_quick import trained_run
-from bench.harness import Row, sync
+from bench.harness import Row
 from bench.pipelines.unlearning import SortedMaskedLayer
 from tinymem_fast.integrations.adapters import mlp_layers
 from tinymem_fast.methods import get_method
@@ -85,6 +92,48 @@ def reference_balanced_subnet(model, forget_ids, forget_pad, retain_ids, retain_
     return steps, skipped
 
 
+# --- the reference-style Integrated Gradients ------------------------------------------------------
+
+
+def reference_ig(model, forget_ids, forget_pad, forget_start, steps: int):
+    """``[n_layer, I]`` IG attribution, one forward/backward per (row, layer, position); alpha batched."""
+    from tinymem_fast.methods.neuron.ablation import mlp_activation_hook
+    from tinymem_fast.methods.neuron.integrated_gradients import target_positions
+
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = mlp_layers(model)
+    lo, hi = target_positions(forget_ids, forget_pad, forget_start)
+    total = torch.zeros(len(layers), layers[0].intermediate_size, dtype=torch.float64)
+    alphas = torch.linspace(0, 1, steps)
+    rows = 0
+    for r in range(forget_ids.shape[0]):
+        positions = range(int(lo[r]), int(hi[r]) + 1)
+        if not positions:
+            continue
+        rows += 1
+        for li in range(len(layers)):
+            for t in positions:
+                box = {}
+
+                def scale(index, act, li=li, t=t, box=box):
+                    if index != li:
+                        return None
+                    box["base"] = act[:, t].detach()
+                    box["leaf"] = (box["base"] * alphas[:, None]).requires_grad_(True)
+                    out = act.clone()
+                    out[:, t] = box["leaf"]
+                    return out
+
+                x = forget_ids[r: r + 1, : t + 1].expand(steps, -1)
+                with mlp_activation_hook(model, scale), torch.enable_grad():
+                    prob = torch.softmax(model(x).logits[:, t].float(), -1)[:, forget_ids[r, t + 1]]
+                    (g,) = torch.autograd.grad(prob.sum(), [box["leaf"]])
+                total[li] += (box["base"][0].double() * g.double().sum(0)) / (steps * len(positions))
+    return (total / rows).float()
+
+
 # --- the suite ------------------------------------------------------------------------------------
 
 
@@ -121,10 +170,23 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
     if device != "cpu":
         return [Row(SUITE, "BalancedSubnet, quick math", "-", float("nan"), float("nan"), float("nan"),
                     note="CPU suite (the quick math model); the GPU figure is a Pythia-shaped step")]
-    epochs = int(os.environ.get("BENCH_METHOD_EPOCHS", 10))
+    cases = os.environ.get("BENCH_METHODS", "balanced_subnet,integrated_gradients").split(",")
+    unknown = set(cases) - {"balanced_subnet", "integrated_gradients"}
+    if unknown:
+        raise ValueError(f"BENCH_METHODS: unknown case(s) {sorted(unknown)}")
     model, inputs = _inputs(device)
     data = _data()
-    mem0, acc0, left0 = _result(model, data, inputs)
+    before = _result(model, data, inputs)
+    rows = []
+    if "balanced_subnet" in cases:
+        rows += balanced_subnet_rows(model, data, inputs, *before)
+    if "integrated_gradients" in cases:
+        rows += ig_rows(model, data, inputs, *before)
+    return rows
+
+
+def balanced_subnet_rows(model, data, inputs, mem0, acc0, left0) -> list[Row]:
+    epochs = int(os.environ.get("BENCH_METHOD_EPOCHS", 10))
     nf = inputs.forget_ids.shape[0]
     case = (f"BalancedSubnet, quick math ({nf} forget / {inputs.retain_ids.shape[0]} retain rows), "
             f"ratio 0.1, lr 1, alpha 0.95, {epochs} epochs, batch 64")
@@ -134,7 +196,6 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
         rows.append(Row(SUITE, "plain training step, 64 rows", f"Trainer.step, {prec}", ms, ms, ms))
 
     ref = copy.deepcopy(model)
-    sync(device)
     t0 = time.perf_counter()
     steps, skipped = reference_balanced_subnet(
         ref, inputs.forget_ids, inputs.forget_pad, inputs.retain_ids, inputs.retain_pad, epochs=epochs,
@@ -162,6 +223,43 @@ def run(device: str = "cpu", repeats: int = 1) -> list[Row]:
             f"{info['steps']} steps, none skipped; {step_ms:.0f} ms/step = {step_ms / plain[prec]:.2f}x a "
             f"plain {prec} training step; memorized {mem0:.1f}% -> {mem:.1f}%, acc {acc0:.2f}% -> "
             f"{acc:.2f}%, forget rows left {left}/{left0}"), extra={"mem_after": mem, "acc_after": acc}))
+    return rows
+
+
+def ig_rows(model, data, inputs, mem0, acc0, left0) -> list[Row]:
+    from tinymem_fast.methods.neuron.ablation import ablate_neurons, top_neurons
+    from tinymem_fast.methods.neuron.integrated_gradients import IntegratedGradientsConfig, ig_attribution
+
+    ratio, steps = 0.05, 20
+    nf = inputs.forget_ids.shape[0]
+    case = f"Integrated Gradients, quick math ({nf} forget rows), ratio {ratio}, {steps} steps"
+    ref_name = "reference-style (a pass per row, layer and position; alpha batched), fp32"
+    t0 = time.perf_counter()
+    want = reference_ig(model, inputs.forget_ids, inputs.forget_pad, inputs.forget_start, steps)
+    t_ref = (time.perf_counter() - t0) * 1e3
+    m = copy.deepcopy(model)
+    ablate_neurons(m, top_neurons(want, ratio))
+    mem, acc, left = _result(m, data, inputs)
+    rows = [Row(SUITE, case, ref_name, t_ref, t_ref, t_ref, note=(
+        f"memorized {mem0:.1f}% -> {mem:.1f}%, acc {acc0:.2f}% -> {acc:.2f}%, forget rows left "
+        f"{left}/{left0}"))]
+    chosen = top_neurons(want, ratio)
+    for prec in ("fp32", "bf16"):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        cfg = IntegratedGradientsConfig(ratio=ratio, ig_steps=steps, precision=prec)
+        got = ig_attribution(m, inputs, cfg)
+        picked = top_neurons(got, ratio)
+        ablate_neurons(m, picked)
+        t = (time.perf_counter() - t0) * 1e3
+        mem, acc, left = _result(m, data, inputs)
+        rel = float((got - want).norm() / want.norm())
+        same = sum(len(set(picked[k].tolist()) & set(chosen[k].tolist())) for k in chosen)
+        k_all = sum(len(v) for v in chosen.values())
+        rows.append(Row(SUITE, case, f"tinymem, {prec}", t, t, t, baseline=ref_name, ratio=t_ref / t,
+                        ok=rel < (1e-4 if prec == "fp32" else 0.05), note=(
+            f"attribution rel. diff {rel:.1e}, {same}/{k_all} neurons as the reference; memorized "
+            f"{mem0:.1f}% -> {mem:.1f}%, acc {acc0:.2f}% -> {acc:.2f}%, forget rows left {left}/{left0}")))
     return rows
 
 

@@ -159,7 +159,10 @@ def test_method_batch_size():
         "batch_size": 8}}, cfg)
     assert got["greedy"][1].batch_size == 32 and got["activations"][1].batch_size == 32
     assert got["subnet"][1].batch_size == 8                          # --hp wins
-    assert got["integrated_gradients"][1].batch_size == 512          # replicas, not rows
+    from tinymem_fast.methods.neuron.integrated_gradients import IntegratedGradientsConfig
+
+    # replicas, not rows: IG keeps its own default
+    assert got["integrated_gradients"][1].batch_size == IntegratedGradientsConfig().batch_size != 32
     kept = _method_configs(["greedy"], {}, PythiaConfig(method_batch_size=None))
     assert kept["greedy"][1].batch_size == 64
 

@@ -1,4 +1,4 @@
-"""Integrated Gradients: the batched computation equals a one-(row, layer, position, step)-at-a-time loop,
+"""Integrated Gradients: the shared-prefix computation equals a one-(row, layer, position, step)-at-a-time loop,
 ig_steps is honoured, and the method ablates neurons on GPT-2 / GPTNeoX / Llama."""
 
 import copy
@@ -61,7 +61,7 @@ def naive_ig(model, ids, pad, start, steps):
     return (total / rows).float()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
 def test_batched_equals_naive(planted, arch):
     base, _, _, secret = planted[arch]
     ids = secret[:3, :14].clone()
@@ -76,20 +76,21 @@ def test_batched_equals_naive(planted, arch):
 
 @pytest.mark.parametrize("steps", [1, 5])
 def test_ig_steps_honoured(planted, steps):
-    """The reference ran 20 steps whatever it was told: count the replicas that reach the model."""
+    """The reference ran 20 steps whatever it was told: count the replicas (one-token branches after each
+    row's prefix, which ends at its last attributed position T - 2) that reach the model."""
     base, _, _, secret = planted["gpt2"]
     model = copy.deepcopy(base)
     ids = secret[:2]
     start = torch.full((2,), T - 4)
     seen = []
     h = model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
-        (args[0] if args else kwargs["input_ids"]).shape[0]), with_kwargs=True)
+        (args[0] if args else kwargs["input_ids"]).shape[1] - (T - 1)), with_kwargs=True)
     cfg = IntegratedGradientsConfig(ig_steps=steps, batch_size=10_000)
     ig_attribution(model, _inputs(ids, None, start), cfg)
     h.remove()
     n_layer = len(mlp_layers(model))
     positions = 4  # start - 1 .. T - 2
-    assert sum(seen) == 2 * n_layer * positions * steps
+    assert len(seen) == 2 and sum(seen) == 2 * n_layer * positions * steps
 
 
 def test_completeness_single_position(planted):

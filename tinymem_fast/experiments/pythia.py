@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 PAPER_SPLIT = 1632          # rows of the perplexity set and of the retain set (SPEC 4.4)
 # settings named batch_size that do not count rows: a method listed here keeps its own
-NOT_ROW_BATCH = {"integrated_gradients"}   # replicas (row x layer x step) per pass
+NOT_ROW_BATCH = {"integrated_gradients"}   # one-token replicas (position x layer x step) per pass
 
 
 @dataclass

@@ -9,14 +9,16 @@ averaged over the positions of each row, then over rows; the top ``floor(ratio *
 layer (largest mean IG) are ablated.
 
 Batching (the reference ran one forward/backward per (row, layer, position, step)): scaling position
-``t`` changes nothing before ``t``, so each replica is cut to ``t + 1`` tokens and only its last logit is
-needed. All replicas that share ``t`` -- every row, every layer and every step -- run as one batch; the
-MLP hook scales, in each layer, only the replicas assigned to that layer. The result equals the
-one-at-a-time loop (tested). ``ig_steps`` is honoured (the reference hard-coded 20).
+``t`` changes nothing before ``t``, and only the logit at ``t`` is read, so every replica of a row --
+each position, layer and step -- is a one-token branch off the row's clean prefix
+(:mod:`~tinymem_fast.integrations.branch_attention`): one forward of ``[prefix | replicas]`` per row
+(in chunks of ``batch_size`` replicas) costs one token per replica instead of ``t + 1``; the MLP hook
+scales, in each layer, only the replicas assigned to that layer. The result equals the one-at-a-time
+loop (tested). ``ig_steps`` is honoured (the reference hard-coded 20).
 
-The passes run with the fused attention on a CPU; ``precision = "bf16"`` runs their GEMMs in bf16 under
-autocast, the scaled activations are float32 leaves (cast to the activations' dtype in the model), and
-the attribution sums are float64 on the model's device, read back once at the end.
+Attention runs in float32; ``precision = "bf16"`` runs the other GEMMs in bf16 under autocast, the
+scaled activations are float32 leaves (cast to the activations' dtype in the model), and the attribution
+sums are float64 on the model's device, read back once at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...integrations.adapters import mlp_layers
+from ...integrations.branch_attention import check_branches_ran, shared_prefix_branches
 from ...integrations.mixed_precision import autocast, check_precision
 from ...ops.masked_subnet import check_ratio
 from ..registry import UnlearnInputs, register
@@ -40,7 +43,7 @@ from .ablation import ablate_neurons, mlp_activation_hook, top_neurons
 class IntegratedGradientsConfig:
     ratio: float = 0.01
     ig_steps: int = 20
-    batch_size: int = 512     # replicas (row x layer x step) per forward/backward
+    batch_size: int = 1024    # replicas (position x layer x step of one row; a token each) per pass
     seed: int = 0             # unused (deterministic); kept for a uniform method interface
     precision: str = "fp32"   # fp32 | bf16 (bf16 GEMMs; float32 scaled activations and gradients)
     progress: bool = False
@@ -63,11 +66,11 @@ def target_positions(ids: torch.Tensor, pad: torch.Tensor, start: torch.Tensor |
     return (start - 1).clamp(min=0), last - 1
 
 
-def _last_logits(model, x: torch.Tensor) -> torch.Tensor:
-    """Logits at the last position only; skips the head on other positions where the model allows it."""
+def _branch_logits(model, x: torch.Tensor, position_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits of the last ``n`` positions; skips the head elsewhere where the model allows it."""
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return model(x, logits_to_keep=1).logits[:, -1]
-    return model(x).logits[:, -1]
+        return model(x, position_ids=position_ids, use_cache=False, logits_to_keep=n).logits[0, -n:]
+    return model(x, position_ids=position_ids, use_cache=False).logits[0, -n:]
 
 
 def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig) -> torch.Tensor:
@@ -84,20 +87,17 @@ def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig)
     steps = cfg.ig_steps
     alphas = torch.linspace(0.0, 1.0, steps)
     total = torch.zeros(n_layer, width, dtype=torch.float64, device=device)
-    inv_npos = to_device(1.0 / npos.double(), device)  # each row's position mean
-    ids_dev = ids.to(device)
     state: dict = {}
 
     def scale(li, act):
         sel = state["by_layer"][li]
         if sel is None:
             return None
-        rows, t = sel, state["t"]
-        base = act[rows, t].detach().float()
-        scaled = (base * state["alpha"][rows, None]).requires_grad_(True)  # float32 leaf, float32 grad
-        state["leaves"][li] = (base, scaled, rows)
+        base = act[0, sel].detach().float()
+        scaled = (base * state["alpha"][li][:, None]).requires_grad_(True)  # float32 leaf, float32 grad
+        state["leaves"][li] = (base, scaled)
         out = act.clone()
-        out[rows, t] = scaled.to(act.dtype)
+        out[0, sel] = scaled.to(act.dtype)
         return out
 
     flags = [p.requires_grad for p in model.parameters()]
@@ -105,40 +105,49 @@ def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    positions = range(int(lo[npos > 0].min()), int(hi.max()) + 1)
+    rows = torch.nonzero(npos > 0).flatten().tolist()
+    bar = tqdm(total=int(npos.sum()) * n_layer * steps, desc="integrated gradients", unit="replica",
+               disable=not cfg.progress)
     try:
-        with mlp_activation_hook(model, scale), torch.enable_grad():
-            for t in tqdm(positions, desc="integrated gradients", disable=not cfg.progress):
-                rows_ex = torch.nonzero((lo <= t) & (t <= hi)).flatten()
-                if rows_ex.numel() == 0:
-                    continue
-                # replica j: (example, layer, alpha), example-major so a row's replicas stay together
-                ex = rows_ex.repeat_interleave(n_layer * steps)
-                lay = torch.arange(n_layer).repeat_interleave(steps).repeat(rows_ex.numel())
-                alp = alphas.repeat(rows_ex.numel() * n_layer)
-                for c in range(0, ex.numel(), cfg.batch_size):
-                    e, la = ex[c: c + cfg.batch_size], lay[c: c + cfg.batch_size]
-                    state.update(t=t, alpha=to_device(alp[c: c + cfg.batch_size], device), leaves={},
-                                 by_layer=[(to_device(torch.nonzero(la == li).flatten(), device)
-                                            if bool((la == li).any()) else None) for li in range(n_layer)])
-                    e_dev = to_device(e, device)
-                    x = ids_dev[e_dev, : t + 1]
-                    y = ids_dev[e_dev, t + 1]
-                    with autocast(model, cfg.precision, device.type, fused_attention=True):
-                        logits = _last_logits(model, x)
+        with (mlp_activation_hook(model, scale), torch.enable_grad(),
+              shared_prefix_branches(model) as layout):
+            for r in rows:
+                # replica j of row r: (position, layer, alpha), position-major; the prefix ends at the
+                # last attributed position, the only one any replica's attention reaches
+                prefix = int(hi[r]) + 1
+                pos = torch.arange(int(lo[r]), prefix).repeat_interleave(n_layer * steps)
+                lay = torch.arange(n_layer).repeat_interleave(steps).repeat(int(npos[r]))
+                alp = alphas.repeat(int(npos[r]) * n_layer)
+                row = ids[r].to(device)
+                for c in range(0, pos.numel(), cfg.batch_size):
+                    chunk = slice(c, c + cfg.batch_size)
+                    t, la, al = pos[chunk], lay[chunk], alp[chunk]
+                    n = t.numel()
+                    layout.set(prefix, t)
+                    sel = [torch.nonzero(la == li).flatten() for li in range(n_layer)]
+                    state.update(leaves={}, by_layer=[to_device(prefix + s, device) if s.numel() else None
+                                                      for s in sel],
+                                 alpha=[to_device(al[s], device) for s in sel])
+                    t_dev = to_device(t, device)
+                    x = torch.cat([row[:prefix], row[t_dev]])[None]
+                    position_ids = torch.cat([torch.arange(prefix, device=device), t_dev])[None]
+                    with autocast(model, cfg.precision, device.type):
+                        logits = _branch_logits(model, x, position_ids, n)
+                    check_branches_ran(model, layout)
                     prob = torch.softmax(logits.float(), -1)
-                    p_true = prob.gather(1, y[:, None]).sum()
-                    leaves = [state["leaves"][li] for li in sorted(state["leaves"])]
-                    grads = torch.autograd.grad(p_true, [s for _, s, _ in leaves])
-                    w_row = inv_npos[e_dev]
-                    for (base, _, rows), g, li in zip(leaves, grads, sorted(state["leaves"]), strict=True):
-                        contrib = base.double() * g.double() / steps
-                        total[li] += (contrib * w_row[rows, None]).sum(0)
+                    p_true = prob.gather(1, row[t_dev + 1][:, None]).sum()
+                    done = sorted(state["leaves"])
+                    grads = torch.autograd.grad(p_true, [state["leaves"][li][1] for li in done])
+                    for li, g in zip(done, grads, strict=True):
+                        base = state["leaves"][li][0]
+                        total[li] += (base.double() * g.double()).sum(0) / (steps * int(npos[r]))
+                    bar.update(n)
     finally:
+        bar.close()
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
-    return (total.cpu() / int((npos > 0).sum())).float()
+    return (total.cpu() / len(rows)).float()
 
 
 @register("integrated_gradients", IntegratedGradientsConfig, "neuron", aliases=("ig",))
