@@ -8,8 +8,10 @@ is swapped, inside the autocast region only, for :data:`TRAIN_ATTENTION`: the ``
 tinymem_attention`), our fused causal kernel (:mod:`tinymem_fast.ops.attention`, float32 arithmetic on
 bf16 inputs, 3.2 ms) when the call is plain causal self-attention, else the stock SDPA attention in
 float32 with autocast off. A model already set to ``"tinymem"`` needs no swap. On GPUs the bf16 SDPA
-kernels are the fast ones and nothing is swapped. Training in ``fp32`` keeps the stock model untouched:
-it is the reference numerics.
+kernels are the fast ones and nothing is swapped. Training and the methods' steps swap it in ``fp32``
+too (``fused_attention=True``): on a 2-core AMD EPYC a float32 training step of the quick math model
+drops from 247 to 205 ms, and the arithmetic is float32 either way (results differ from SDPA's by
+rounding only). ``TINYMEM_BACKEND=torch`` keeps transformers' SDPA inside the swap.
 """
 
 from __future__ import annotations
@@ -68,8 +70,7 @@ def _warn_if_no_fast_bf16() -> None:
 def autocast(model, precision: str, device_type: str, fused_attention: bool = False):
     """Run the forward pass under ``precision``. The model's attention implementation is swapped only
     for the duration (and only on the CPU, only from ``sdpa``), so a saved config never names it.
-    ``fused_attention``: swap it in float32 too (the unlearning methods' steps; training in fp32 keeps
-    the stock attention as the reference numerics)."""
+    ``fused_attention``: swap it in float32 too (training and the unlearning methods' steps do)."""
     check_precision(precision)
     bf16 = precision == "bf16"
     if bf16 and device_type == "cpu":

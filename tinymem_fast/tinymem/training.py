@@ -266,7 +266,7 @@ class Trainer:
             # counted target, so dropping them changes nothing but the work done.
             width = int((~pad).sum(1).max())
             x, pad = x[:, :width], pad[:, :width]
-        with autocast(self.model, self.cfg.precision, x.device.type):
+        with autocast(self.model, self.cfg.precision, x.device.type, fused_attention=True):
             seq_loss, counts = self._loss(x, pad)
         weights = None
         for h in self.hooks:
