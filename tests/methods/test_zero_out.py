@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import MAX_LEFT, NLL_RISE, P, unlearning_effect
 
+from tinymem_fast.integrations.adapters import mlp_layers
 from tinymem_fast.methods import UnlearnInputs, get_method
 from tinymem_fast.methods.neuron.ablation import ablate_neurons
 from tinymem_fast.methods.neuron.zero_out import (
@@ -37,6 +38,31 @@ def test_batched_attribution_equals_one_neuron_at_a_time(planted, arch):
             assert attr[layer, neuron].item() == pytest.approx((l1 - l0).item(), abs=1e-5)
     inverted = zero_out_attribution(base, inputs, ZeroOutConfig(compat_inverted_mask=True))
     assert not torch.allclose(inverted, attr)  # keeping only neuron i is a different (wrong) signal
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_replayed_blocks_equal_running_them(planted, arch, monkeypatch):
+    """Replicas skip the decoder blocks below the scored layer (their clean outputs are replayed): every
+    attribution equals the one from running every block, and the model is left as it was."""
+    import tinymem_fast.methods.neuron.zero_out as zo
+
+    base, _, _, secret = planted[arch]
+    inputs = _inputs(secret)
+    blocks = zo.decoder_blocks(base, mlp_layers(base))
+    assert blocks is not None and len(blocks) == len(mlp_layers(base))
+    calls = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_a, k=layer.index: calls.append(k))
+             for layer in mlp_layers(base)]  # a replayed block runs none of its modules
+    replayed = zero_out_attribution(base, inputs, ZeroOutConfig(rows_per_pass=100))
+    ran_replayed = len(calls)
+    monkeypatch.setattr(zo, "decoder_blocks", lambda *_a: None)
+    calls.clear()
+    full = zero_out_attribution(base, inputs, ZeroOutConfig(rows_per_pass=100))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(replayed, full, rtol=1e-4, atol=1e-6)
+    assert ran_replayed < len(calls)  # block 0 never ran for layer 1's replicas
+    assert all("forward" not in vars(b) for b in blocks)
 
 
 def test_suffix_weights_cover_window_only():
