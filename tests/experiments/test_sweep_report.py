@@ -148,3 +148,17 @@ def test_report_renders(tiny_run, grid_file, tmp_path):
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1600", page_uri],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_scatter_labels_of_clustered_points_are_stacked():
+    """Best runs on top of each other (several methods at -100% memorized) share one stacked label;
+    distant ones keep their own."""
+    from tinymem_fast.experiments.report import label_groups
+
+    points = [("both_ft", 0.9, -100.0), ("balanced_subnet", -0.5, -100.0), ("extra_ft", 0.7, -100.0),
+              ("greedy", -48.0, -100.0), ("durable", -1.8, -33.0), ("spectral_norm", -0.4, 8.0)]
+    groups = label_groups(points, xspan=50.0, yspan=110.0)
+    names = sorted(sorted(g[2]) for g in groups)
+    assert names == [["balanced_subnet", "both_ft", "extra_ft"], ["durable"], ["greedy"], ["spectral_norm"]]
+    assert sum(len(g[2]) for g in groups) == len(points)
+    assert len(label_groups(points, xspan=0.0, yspan=0.0)) == len(points)  # degenerate spans: no merging

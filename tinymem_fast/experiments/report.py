@@ -121,6 +121,58 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def label_groups(points: list[tuple[str, float, float]], xspan: float, yspan: float,
+                 near: float = 0.05) -> list[tuple[float, float, list[str]]]:
+    """Labelled points closer than ``near`` of both axis spans share one label, names stacked one per
+    line, so clustered best runs (several methods at -100% memorized) stay readable."""
+    groups: list[tuple[float, float, list[str]]] = []
+    for name, x, y in sorted(points, key=lambda p: (p[2], p[1], p[0])):
+        for gx, gy, names in groups:
+            if abs(x - gx) <= near * (xspan or 1.0) and abs(y - gy) <= near * (yspan or 1.0):
+                names.append(name)
+                break
+        else:
+            groups.append((x, y, [name]))
+    return groups
+
+
+def _place_labels(fig, ax, groups) -> None:
+    """Each label beside its point (right, else left), moved up with a leader line only when both
+    sides overlap a label already placed or a labelled point."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    # the outlined points themselves are obstacles too (s=60: about 9 px across at 110 dpi)
+    placed = [Bbox.from_bounds(px - 6, py - 6, 12, 12)
+              for px, py in (ax.transData.transform((x, y)) for x, y, _ in groups)]
+
+    def label(x, y, text, lift, side, line=False):
+        arrow = dict(arrowstyle="-", lw=0.4, color="grey") if line else None
+        return ax.annotate(text, (x, y), fontsize=7, xytext=(7 * side, 3 + lift), textcoords="offset points",
+                           va="bottom", ha="left" if side > 0 else "right", arrowprops=arrow)
+
+    for x, y, names in groups:
+        text = "\n".join(names)
+        for lift in range(0, 400, 7):
+            for side in (1, -1):
+                ann = label(x, y, text, lift, side)
+                box = ann.get_window_extent(renderer)  # the text alone (a leader line is added after)
+                if not any(box.overlaps(p) for p in placed):
+                    break
+                ann.remove()
+            else:
+                continue
+            break
+        else:
+            ann = None  # nowhere free: keep the first spot
+            lift, side = 0, 1
+        if ann is None or lift:
+            if ann is not None:
+                ann.remove()
+            box = label(x, y, text, lift, side, line=lift > 0).get_window_extent(renderer)
+        placed.append(box)
+
+
 def scatter_png(rows: list[dict], best: dict) -> bytes:
     """Relative change in memorization (y) vs relative change in utility (x), every run faint, the best
     run per method labelled; one panel per setting."""
@@ -135,13 +187,16 @@ def scatter_png(rows: list[dict], best: dict) -> bytes:
         rs = [r for r in rows if _setting(r) == setting]
         for r in rs:
             ax.scatter(100 * r["d_util"], 100 * r["d_mem"], s=12, alpha=0.25, color=color[r["method"]])
+        points = []
         for (s, m), r in best.items():
             if s != setting:
                 continue
             ax.scatter(100 * r["d_util"], 100 * r["d_mem"], s=60, color=color[m], edgecolor="black",
                        label=m, zorder=3)
-            ax.annotate(m, (100 * r["d_util"], 100 * r["d_mem"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            points.append((m, 100 * r["d_util"], 100 * r["d_mem"]))
+        xs = [100 * r["d_util"] for r in rs]
+        ys = [100 * r["d_mem"] for r in rs]
+        _place_labels(fig, ax, label_groups(points, max(xs) - min(xs), max(ys) - min(ys)))
         util = "accuracy" if row_utility_key(rs[0]).startswith("acc") else "perplexity"
         ax.axhline(0, color="grey", lw=0.5)
         ax.axvline(0, color="grey", lw=0.5)
