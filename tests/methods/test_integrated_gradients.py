@@ -1,5 +1,5 @@
-"""Integrated Gradients: the shared-prefix computation equals a one-(row, layer, position, step)-at-a-time loop,
-ig_steps is honoured, and the method ablates neurons on GPT-2 / GPTNeoX / Llama."""
+"""Integrated Gradients: the shared-prefix computation equals a one-(row, layer, position, step)-at-a-time
+loop, ig_steps is honoured, and the method ablates neurons on GPT-2 / GPTNeoX / Llama."""
 
 import copy
 
