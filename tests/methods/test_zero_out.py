@@ -60,7 +60,7 @@ def test_replayed_blocks_equal_running_them(planted, arch, monkeypatch):
     full = zero_out_attribution(base, inputs, ZeroOutConfig(rows_per_pass=100))
     for h in hooks:
         h.remove()
-    torch.testing.assert_close(replayed, full, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(replayed, full, rtol=1e-4, atol=1e-5)  # the one-at-a-time test's margin
     assert ran_replayed < len(calls)  # block 0 never ran for layer 1's replicas
     assert all("forward" not in vars(b) for b in blocks)
 

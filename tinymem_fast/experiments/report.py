@@ -151,26 +151,18 @@ def _place_labels(fig, ax, groups) -> None:
         return ax.annotate(text, (x, y), fontsize=7, xytext=(7 * side, 3 + lift), textcoords="offset points",
                            va="bottom", ha="left" if side > 0 else "right", arrowprops=arrow)
 
+    def free(x, y, text, lift, side) -> bool:
+        ann = label(x, y, text, lift, side)
+        box = ann.get_window_extent(renderer)  # the text alone (a leader line is added after)
+        ann.remove()
+        return not any(box.overlaps(p) for p in placed)
+
     for x, y, names in groups:
         text = "\n".join(names)
-        for lift in range(0, 400, 7):
-            for side in (1, -1):
-                ann = label(x, y, text, lift, side)
-                box = ann.get_window_extent(renderer)  # the text alone (a leader line is added after)
-                if not any(box.overlaps(p) for p in placed):
-                    break
-                ann.remove()
-            else:
-                continue
-            break
-        else:
-            ann = None  # nowhere free: keep the first spot
-            lift, side = 0, 1
-        if ann is None or lift:
-            if ann is not None:
-                ann.remove()
-            box = label(x, y, text, lift, side, line=lift > 0).get_window_extent(renderer)
-        placed.append(box)
+        # the first free spot, nearest first; nowhere free: the first spot anyway
+        lift, side = next(((lift, side) for lift in range(0, 400, 7) for side in (1, -1)
+                           if free(x, y, text, lift, side)), (0, 1))
+        placed.append(label(x, y, text, lift, side, line=lift > 0).get_window_extent(renderer))
 
 
 def scatter_png(rows: list[dict], best: dict) -> bytes:

@@ -101,18 +101,13 @@ def register_branch_attention() -> None:
     global _registered
     if _registered:
         return
-    try:
-        from transformers import AttentionInterface
+    from .transformers import register_attention_function
+
+    try:  # before transformers 4.53 models build their own 4-D masks, which we ignore
+        register_attention_function(BRANCH_ATTENTION, branch_attention, _no_mask)
     except ImportError as exc:
         raise UnsupportedArchitecture("shared-prefix branches need transformers >= 4.48 "
                                       "(AttentionInterface)") from exc
-    AttentionInterface.register(BRANCH_ATTENTION, branch_attention)
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    except ImportError:  # transformers < 4.53: models build their own 4-D masks, which we ignore
-        pass
-    else:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(BRANCH_ATTENTION, _no_mask)
     _registered = True
 
 

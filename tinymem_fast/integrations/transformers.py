@@ -94,21 +94,28 @@ def register_attention() -> None:
     if _registered:
         return
     try:
-        from transformers import AttentionInterface
-    except ImportError as exc:
-        raise RuntimeError("attention='tinymem' needs transformers >= 4.48 (AttentionInterface); upgrade "
-                           "transformers or pass attention=False") from exc
-    AttentionInterface.register(ATTENTION, tinymem_attention)
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    except ImportError:  # transformers < 4.53: models build their own masks
-        pass
-    else:
         # Without a mask function of its own transformers would build no mask at all for this name (it
         # assumes an external backend), silently dropping padding masks; SDPA's is the right one (and
         # it returns None for a purely causal batch, which is when the fused kernel runs).
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+        register_attention_function(ATTENTION, tinymem_attention)
+    except ImportError as exc:
+        raise RuntimeError("attention='tinymem' needs transformers >= 4.48 (AttentionInterface); upgrade "
+                           "transformers or pass attention=False") from exc
     _registered = True
+
+
+def register_attention_function(name: str, attention, mask=None) -> None:
+    """Register ``attention`` with transformers' ``AttentionInterface`` as ``name``, and its mask builder
+    (``mask``; None = SDPA's) where transformers has ``masking_utils`` (>= 4.53; before, models build
+    their own masks). ImportError on transformers < 4.48 (no ``AttentionInterface``)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError:
+        return
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask if mask is None else mask)
 
 
 def _set_attention(model, name: str) -> None:

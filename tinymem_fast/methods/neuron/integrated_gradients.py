@@ -68,9 +68,10 @@ def target_positions(ids: torch.Tensor, pad: torch.Tensor, start: torch.Tensor |
 
 def _branch_logits(model, x: torch.Tensor, position_ids: torch.Tensor, n: int) -> torch.Tensor:
     """Logits of the last ``n`` positions; skips the head elsewhere where the model allows it."""
+    kwargs = dict(position_ids=position_ids, use_cache=False)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return model(x, position_ids=position_ids, use_cache=False, logits_to_keep=n).logits[0, -n:]
-    return model(x, position_ids=position_ids, use_cache=False).logits[0, -n:]
+        kwargs["logits_to_keep"] = n
+    return model(x, **kwargs).logits[0, -n:]
 
 
 def ig_attribution(model, inputs: UnlearnInputs, cfg: IntegratedGradientsConfig) -> torch.Tensor:
